@@ -1,0 +1,109 @@
+"""The answer cache: upstream answers kept in wire form, served by patching.
+
+An entry holds the answer *body* (the records after the question, without any
+OPT) and where each TTL sits in it. Serving a hit is concatenation: the
+client's ID and flags, counts, the client's own question bytes (exact case), the
+body with TTLs aged to the second, and an OPT when the client used EDNS. The
+aged body is rebuilt at most once per second per entry, so a hot name costs a
+dictionary lookup and a few byte concatenations.
+
+Keys are ``lower-cased question name + qtype + qclass + DO bit``: the same name
+asked in different case shares an entry, and DNSSEC-OK answers (with RRSIGs)
+are kept apart from plain ones. Size is capped (LRU), so memory stays flat.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from . import wire
+
+
+class Entry:
+    """One cached answer. Immutable after construction except the aged-body memo."""
+
+    __slots__ = ("rcode", "counts", "body", "offsets", "ttls", "stored", "expires", "answers_json",
+                 "addrs", "_ar", "_age", "_aged")
+
+    def __init__(self, rcode: int, an: int, ns: int, ar: int, body: bytes, offsets: list[int],
+                 ttls: list[int], ttl: int, now: float, answers_json: str | None,
+                 addrs: tuple[tuple[str, int], ...] = ()) -> None:
+        self.rcode = rcode
+        self.counts = bytes((an >> 8, an & 0xFF, ns >> 8, ns & 0xFF))
+        self.body = body
+        self.offsets = offsets
+        self.ttls = ttls
+        self.stored = now
+        self.expires = now + ttl
+        self.answers_json = answers_json
+        self.addrs = addrs  # (ip, ttl) pairs for the firewall sets
+        self._ar = ar
+        self._age = 0
+        self._aged = body
+
+    def aged_body(self, now: float) -> bytes:
+        age = int(now - self.stored)
+        if age == self._age:
+            return self._aged
+        buf = bytearray(self.body)
+        for off, ttl in zip(self.offsets, self.ttls, strict=True):
+            left = ttl - age
+            buf[off:off + 4] = (left if left > 0 else 0).to_bytes(4, "big")
+        self._aged = bytes(buf)
+        self._age = age
+        return self._aged
+
+    def remaining(self, now: float) -> int:
+        return max(0, int(self.expires - now))
+
+    def response(self, data: bytes, qend: int, udp_size: int, do: int, now: float) -> bytes:
+        """This answer for the query ``data`` (its ID, flags and question bytes)."""
+        flags = wire.response_flags(data, self.rcode)
+        if udp_size:
+            ar = self._ar + 1
+            return (data[:2] + flags + b"\x00\x01" + self.counts + bytes((ar >> 8, ar & 0xFF))
+                    + data[12:qend] + self.aged_body(now) + wire.opt_record(do))
+        ar = self._ar
+        return (data[:2] + flags + b"\x00\x01" + self.counts + bytes((ar >> 8, ar & 0xFF))
+                + data[12:qend] + self.aged_body(now))
+
+
+class AnswerCache:
+    """A bounded LRU of Entry objects keyed by question bytes."""
+
+    def __init__(self, max_entries: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_entries = max_entries
+        self.clock = clock
+        self._data: OrderedDict[bytes, Entry] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: bytes, now: float) -> Entry | None:
+        entry = self._data.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        if entry.expires <= now:
+            del self._data[key]
+            self.misses += 1
+            return None
+        self._data.move_to_end(key)
+        self.hits += 1
+        return entry
+
+    def put(self, key: bytes, entry: Entry) -> None:
+        if self.max_entries <= 0:
+            return
+        data = self._data
+        data[key] = entry
+        data.move_to_end(key)
+        while len(data) > self.max_entries:
+            data.popitem(last=False)
+
+    def clear(self) -> None:
+        self._data.clear()

@@ -1,0 +1,268 @@
+"""The query path: every packet goes through these steps, in this order.
+
+    parse -> client ACL -> policy -> local answers -> cache -> upstream
+    (and every outcome, including drops and errors, is logged)
+
+Why this order:
+  * parse first: nothing else may look at bytes that are not a valid query;
+  * the client ACL before the policy: an unknown client learns nothing, not even
+    whether a name is allowed (and dnsguard is never an open resolver);
+  * the policy before anything that could leak: a denied name is answered from
+    bytes built here and never reaches the cache lookup or an upstream socket;
+  * the cache before upstream, of course; the firewall sets are refreshed from
+    the cache entry *before* the answer is returned, so a client never connects
+    to an address the kernel does not yet allow.
+
+``Resolver.handle`` is synchronous for everything that can be answered
+locally (denials, cache hits, errors), which is what keeps the hot path near
+the cost of the kernel's own send/receive; only cache misses become a
+coroutine. It never raises: a bug in a step becomes SERVFAIL and a traceback
+on stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import sys
+import time
+import traceback
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from . import wire
+from .cache import AnswerCache, Entry
+from .config import ClientPolicy, Config
+from .errors import UpstreamError
+from .model import Decision
+from .policy import Matcher
+from .upstream import Upstream, clean_reply
+
+Submit = Callable[[tuple], None]
+Handled = bytes | None | Coroutine[Any, Any, bytes | None]
+
+_META_TYPES = frozenset((251, 252, 253, 254))  # IXFR, AXFR, MAILB, MAILA: not for a stub resolver
+_MAX_VIEWS = 65_536
+_MAX_DECISIONS = 262_144
+
+
+class ClientView:
+    """How one source address is treated; computed once per address and memoised."""
+
+    __slots__ = ("served", "mode", "audit", "matcher", "decisions", "label")
+
+    def __init__(self, served: bool, mode: str, matcher: Matcher, label: str | None) -> None:
+        self.served = served
+        self.mode = mode
+        self.audit = mode == "audit"
+        self.matcher = matcher
+        self.decisions: dict[bytes, Decision] = {}
+        self.label = label  # the [[clients]] name, if any
+
+    def decide(self, qname: bytes) -> Decision:
+        d = self.decisions.get(qname)
+        if d is None:
+            d = self.matcher.decide(qname)
+            if len(self.decisions) >= _MAX_DECISIONS:
+                self.decisions.clear()
+            self.decisions[qname] = d
+        return d
+
+
+class Resolver:
+    """The query path, bound to one policy at a time (``use`` swaps it atomically)."""
+
+    def __init__(self, config: Config, *, submit: Submit | None = None, feeder: Any = None) -> None:
+        self.submit = submit
+        self.feeder = feeder
+        self.cache = AnswerCache(config.cache.max_entries)
+        self._inflight: dict[bytes, asyncio.Future[Entry]] = {}
+        self._wall_offset = time.time() - time.monotonic()
+        self.use(config)
+
+    # -- configuration ----------------------------------------------------------------
+
+    def use(self, config: Config) -> None:
+        """Switch to a new policy. Queries already in flight finish under the old one."""
+        self.config = config
+        self.upstream = Upstream(config.upstream.servers, config.upstream.timeout)
+        self.cache.max_entries = config.cache.max_entries
+        self._views: dict[str, ClientView] = {}
+        self._deny_opts: dict[tuple[Decision, int, str | None], bytes] = {}
+        self._refused_opts = {do: wire.opt_record(do, wire.ede_option(
+            wire.EDE_PROHIBITED, "dnsguard: this client may not use this resolver")) for do in (0, 0x80)}
+        self._acl = config.server.clients
+        self._named: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ClientPolicy]] = sorted(
+            ((net, c) for c in config.clients for net in c.sources), key=lambda nc: -nc[0].prefixlen)
+
+    def view(self, ip: str) -> ClientView:
+        v = self._views.get(ip)
+        if v is None:
+            v = self._classify(ip)
+            if len(self._views) >= _MAX_VIEWS:
+                self._views.clear()
+            self._views[ip] = v
+        return v
+
+    def _classify(self, ip: str) -> ClientView:
+        cfg = self.config
+        try:
+            addr = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return ClientView(False, cfg.mode, cfg.matcher, None)
+        if addr.version == 6 and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        # Longest prefix wins among named clients; their sources are implicitly served.
+        for net, client in self._named:
+            if addr.version == net.version and addr in net:
+                return ClientView(True, client.mode, client.matcher, client.name)
+        served = any(addr.version == net.version and addr in net for net in self._acl)
+        return ClientView(served, cfg.mode, cfg.matcher, None)
+
+    def _deny_opt(self, d: Decision, do: int, label: str | None) -> bytes:
+        key = (d, do, label)
+        opt = self._deny_opts.get(key)
+        if opt is None:
+            who = f"dnsguard policy {label!r}" if label else "dnsguard policy"
+            why = f"denied by rule {d.rule!r}" if d.rule else "not on the allow list"
+            opt = wire.opt_record(do, wire.ede_option(wire.EDE_BLOCKED, f"{who}: {why}"))
+            self._deny_opts[key] = opt
+        return opt
+
+    # -- the path ---------------------------------------------------------------------
+
+    def handle(self, data: bytes, ip: str, transport: str) -> Handled:
+        """Answer one packet: bytes to send, None to stay silent, or a coroutine for a miss."""
+        t0 = time.monotonic()
+        try:
+            return self._handle(data, ip, transport, t0)
+        except Exception:  # a bug must cost one answer, never the server
+            traceback.print_exc(file=sys.stderr)
+            self._log(t0, ip, transport, None, None, None, "enforce", None, wire.SERVFAIL, None,
+                      False, "internal error")
+            return wire.error_answer(data, wire.SERVFAIL) if len(data) >= 12 else None
+
+    def _handle(self, data: bytes, ip: str, transport: str, t0: float) -> Handled:
+        try:
+            name_end, qend, qtype, qclass, udp_size, do = wire.parse_query(data)
+        except wire.BadQuery as bad:
+            return self._bad(data, ip, transport, t0, bad)
+        view = self._views.get(ip) or self.view(ip)
+        qname = data[12:name_end].lower()
+        if not view.served:
+            resp = wire.local_answer(data, qend, wire.REFUSED, udp_size, do, self._refused_opts[do])
+            self._log(t0, ip, transport, qname, qtype, None, view.mode, None, wire.REFUSED, None, False,
+                      "client not in [server] clients")
+            return resp
+        d = view.decisions.get(qname) or view.decide(qname)
+        if not d.allowed and not view.audit:
+            resp = wire.local_answer(data, qend, wire.NXDOMAIN, udp_size, do,
+                                     self._deny_opt(d, do, view.label) if udp_size else None)
+            if self.submit is not None:
+                self._log(t0, ip, transport, qname, qtype, "deny", view.mode, d.rule, wire.NXDOMAIN, None,
+                          False, None)
+            return resp
+        if qclass != wire.CLASS_IN or qtype in _META_TYPES:
+            rcode = wire.REFUSED if qclass != wire.CLASS_IN else wire.NOTIMP
+            self._log(t0, ip, transport, qname, qtype, d.verdict, view.mode, d.rule, rcode, None, False,
+                      "class/type not served")
+            return wire.local_answer(data, qend, rcode, udp_size, do)
+        if qtype == wire.TYPE_ANY:  # RFC 8482: a minimal answer, not forwarded
+            self._log(t0, ip, transport, qname, qtype, d.verdict, view.mode, d.rule, wire.NOERROR, None,
+                      False, "ANY (RFC 8482)")
+            return wire.local_answer(data, qend, wire.NOERROR, udp_size, do, None, wire.HINFO_RFC8482, 1)
+        key = qname + data[name_end:qend] + (b"\x01" if do else b"\x00")
+        entry = self.cache.get(key, t0)
+        if entry is not None:
+            if self.feeder is not None and entry.addrs:
+                self._feed(entry, qname, t0)
+            resp = entry.response(data, qend, udp_size, do, t0)
+            if transport == "udp" and len(resp) > (min(udp_size, wire.EDNS_PAYLOAD) if udp_size else 512):
+                resp = wire.truncated(resp, qend, udp_size, do)
+            if self.submit is not None:
+                self._log(t0, ip, transport, qname, qtype, d.verdict, view.mode, d.rule, entry.rcode,
+                          entry.answers_json, True, None)
+            return resp
+        return self._miss(data, ip, transport, t0, name_end, qend, qtype, udp_size, do, key, qname, view, d)
+
+    async def _miss(self, data: bytes, ip: str, transport: str, t0: float, name_end: int, qend: int,
+                    qtype: int, udp_size: int, do: int, key: bytes, qname: bytes, view: ClientView,
+                    d: Decision) -> bytes | None:
+        note = None
+        try:
+            entry = await self._fetch(key, qname + data[name_end:qend], len(qname), do)
+            now = time.monotonic()
+            if self.feeder is not None and entry.addrs:
+                self._feed(entry, qname, now)
+            resp = entry.response(data, qend, udp_size, do, now)
+            rcode, answers = entry.rcode, entry.answers_json
+        except UpstreamError as exc:
+            note = f"upstream: {exc}"
+            rcode, answers = wire.SERVFAIL, None
+            resp = wire.local_answer(data, qend, wire.SERVFAIL, udp_size, do, wire.opt_record(
+                do, wire.ede_option(wire.EDE_NO_REACHABLE_AUTHORITY, "dnsguard: no upstream answered"))
+                if udp_size else None)
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            note = "internal error"
+            rcode, answers = wire.SERVFAIL, None
+            resp = wire.local_answer(data, qend, wire.SERVFAIL, udp_size, do)
+        if transport == "udp" and len(resp) > (min(udp_size, wire.EDNS_PAYLOAD) if udp_size else 512):
+            resp = wire.truncated(resp, qend, udp_size, do)
+        self._log(t0, ip, transport, qname, qtype, d.verdict, view.mode, d.rule, rcode, answers, False, note)
+        return resp
+
+    async def _fetch(self, key: bytes, question: bytes, name_len: int, do: int) -> Entry:
+        """One upstream exchange per key at a time: concurrent misses share it."""
+        fut = self._inflight.get(key)
+        if fut is not None:
+            return await asyncio.shield(fut)
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            raw = await self.upstream.query(question, name_len, do)
+            cleaned = clean_reply(raw, question, self.config.cache.negative_max_ttl)
+            cache_cfg = self.config.cache
+            ttl = cleaned.cache_ttl
+            if ttl:
+                ttl = max(cache_cfg.min_ttl, min(ttl, cache_cfg.max_ttl))
+            entry = Entry(cleaned.rcode, cleaned.an, cleaned.ns, cleaned.ar, cleaned.body, cleaned.offsets,
+                          cleaned.ttls, ttl, time.monotonic(), cleaned.answers_json, cleaned.addrs)
+            if ttl > 0:
+                self.cache.put(key, entry)
+            fut.set_result(entry)
+            return entry
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved: nobody else may be waiting
+            raise
+        finally:
+            del self._inflight[key]
+
+    def _feed(self, entry: Entry, qname: bytes, now: float) -> None:
+        try:
+            self.feeder.feed(entry, qname, now)
+        except Exception as exc:  # the fence must not take DNS down with it
+            print(f"dnsguard: firewall set update failed: {exc}", file=sys.stderr)
+
+    # -- outcomes that are not answers ------------------------------------------------
+
+    def _bad(self, data: bytes, ip: str, transport: str, t0: float, bad: wire.BadQuery) -> bytes | None:
+        rcode = bad.rcode
+        if rcode is None:
+            resp = None
+        elif rcode == wire.BADVERS:
+            resp = wire.badvers_answer(data, bad.question_end)
+        else:
+            resp = wire.error_answer(data, rcode)
+        self._log(t0, ip, transport, None, None, None, self.config.mode, None, rcode, None, False,
+                  f"{'dropped' if rcode is None else 'malformed'}: {bad.reason}")
+        return resp
+
+    def _log(self, t0: float, ip: str, transport: str, qname: bytes | None, qtype: int | None,
+             verdict: str | None, mode: str, rule: str | None, rcode: int | None, answers: str | None,
+             cached: bool, note: str | None) -> None:
+        submit = self.submit
+        if submit is not None:
+            submit((t0 + self._wall_offset, ip, transport, qname, qtype, verdict, mode, rule, rcode, answers,
+                    cached, (time.monotonic() - t0) * 1000.0, note))

@@ -1,0 +1,395 @@
+"""policy.toml -> one typed, immutable Config, validated once.
+
+Runtime code never sees raw TOML. Every problem is reported with the file,
+the line (TOML's own for syntax errors; the line holding the offending entry
+otherwise) and the entry, and nothing half-loaded is ever returned -- which is
+what lets a reload keep the running policy when the new file is broken.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import PolicyError
+from .policy import Matcher, RuleError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+HostPort = tuple[str, int]
+
+MODES = ("enforce", "audit")
+DEFAULT_CLIENTS = ("127.0.0.0/8", "::1/128")
+DEFAULT_PORTS = ("tcp/80", "tcp/443", "udp/443")
+PACKAGED_POLICY = Path(__file__).with_name("default_policy.toml")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    listen: tuple[HostPort, ...] = (("127.0.0.1", 5353),)
+    clients: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(c) for c in DEFAULT_CLIENTS)
+    tcp_idle_timeout: float = 10.0
+    tcp_max_connections: int = 256
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    servers: tuple[HostPort, ...] = ()
+    timeout: float = 2.0
+    from_resolv_conf: bool = False
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    max_entries: int = 100_000
+    min_ttl: int = 0
+    max_ttl: int = 86_400
+    negative_max_ttl: int = 3_600
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    enabled: bool = True
+    database: str = "dnsguard.db"
+    retention_days: int = 30
+    queue_max: int = 200_000
+
+
+@dataclass(frozen=True)
+class FirewallSettings:
+    enabled: bool = False
+    min_ttl: int = 30
+    max_ttl: int = 86_400
+    # ("tcp", 443) pairs; None means every port.
+    ports: tuple[tuple[str, int], ...] | None = (("tcp", 80), ("tcp", 443), ("udp", 443))
+
+
+@dataclass(frozen=True)
+class ClientPolicy:
+    """A named client (``[[clients]]``): its sources, mode and extra rules."""
+
+    name: str
+    sources: tuple[IPNetwork, ...]
+    mode: str
+    allow: tuple[str, ...]
+    deny: tuple[str, ...]
+    matcher: Matcher = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    text: str
+    mode: str
+    server: ServerSettings
+    upstream: UpstreamSettings
+    cache: CacheSettings
+    log: LogSettings
+    firewall: FirewallSettings
+    allow_domains: tuple[str, ...]
+    deny_domains: tuple[str, ...]
+    allow_cidrs: tuple[IPNetwork, ...]
+    clients: tuple[ClientPolicy, ...]
+    matcher: Matcher = field(compare=False, repr=False)
+
+    @property
+    def listen(self) -> tuple[HostPort, ...]:
+        return self.server.listen
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------- parsing helpers
+
+class _Ctx:
+    """Carries the file name and text so every error can point at a line."""
+
+    def __init__(self, path: str, text: str) -> None:
+        self.path = path
+        self.lines = text.splitlines()
+
+    def line_of(self, needle: str | None, key: str | None = None) -> int | None:
+        if needle:
+            for quoted in (f'"{needle}"', f"'{needle}'"):
+                for no, line in enumerate(self.lines, 1):
+                    if quoted in line:
+                        return no
+        if key is not None:
+            pat = re.compile(rf"^\s*(\[+\s*)?{re.escape(key)}\b")
+            for no, line in enumerate(self.lines, 1):
+                if pat.match(line):
+                    return no
+        return None
+
+    def fail(self, message: str, *, entry: str | None = None, key: str | None = None) -> PolicyError:
+        return PolicyError(message, path=self.path, line=self.line_of(entry, key), entry=entry)
+
+
+def _table(ctx: _Ctx, data: dict, name: str, allowed: set[str]) -> dict:
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise ctx.fail(f"[{name}] must be a table", key=name)
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise ctx.fail(f"unknown key {name}.{unknown[0]} (known: {', '.join(sorted(allowed))})",
+                       key=unknown[0])
+    return value
+
+
+def _typed(ctx: _Ctx, table: dict, where: str, key: str, kind: type | tuple, default: Any) -> Any:
+    if key not in table:
+        return default
+    value = table[key]
+    # bool is an int in Python; a boolean where a number belongs is a mistake.
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+        name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise ctx.fail(f"{where}.{key} must be a {name}, not {value!r}", key=key)
+    return value
+
+
+def _str_list(ctx: _Ctx, table: dict, where: str, key: str) -> list[str]:
+    value = table.get(key, [])
+    if not isinstance(value, list):
+        raise ctx.fail(f"{where}.{key} must be a list of strings", key=key)
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ctx.fail(f"{where}.{key}[{i}] must be a string, not {item!r}", key=key)
+    return value
+
+
+def parse_hostport(text: str, default_port: int = 53) -> HostPort:
+    """``"127.0.0.1:5353"``, ``"[::1]:53"``, ``"::1"`` or ``"192.0.2.1"`` -> (host, port)."""
+    text = text.strip()
+    host, port = text, default_port
+    m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?", text)
+    if m:
+        host, port = m.group(1), int(m.group(2) or default_port)
+    elif text.count(":") == 1:
+        host, _, p = text.partition(":")
+        if not p.isdigit():
+            raise ValueError(f"bad port in {text!r}")
+        port = int(p)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address with an optional port") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port out of range in {text!r}")
+    return host, port
+
+
+def _hostports(ctx: _Ctx, items: list[str], where: str, default_port: int) -> tuple[HostPort, ...]:
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(parse_hostport(item, default_port))
+        except ValueError as exc:
+            raise ctx.fail(f"{where}[{i}]: {exc}", entry=item) from None
+    return tuple(out)
+
+
+def _networks(ctx: _Ctx, items: list[str], where: str) -> tuple[IPNetwork, ...]:
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ctx.fail(f"{where}[{i}]: {item!r} is not a CIDR or address", entry=item) from None
+    return tuple(out)
+
+
+def _matcher(ctx: _Ctx, allow: list[str], deny: list[str], where: str) -> Matcher:
+    try:
+        return Matcher(allow, deny)
+    except RuleError as exc:
+        for list_name, items in (("allow", allow), ("deny", deny)):
+            if exc.entry in items:
+                idx = items.index(exc.entry)
+                raise ctx.fail(f"{where}{list_name}.domains[{idx}]: {exc}", entry=exc.entry) from None
+        raise ctx.fail(f"{where}{exc}", entry=exc.entry) from None
+
+
+def _mode(ctx: _Ctx, value: Any, where: str) -> str:
+    if value not in MODES:
+        raise ctx.fail(f"{where} must be \"enforce\" or \"audit\", not {value!r}", key="mode")
+    return value
+
+
+def _ports(ctx: _Ctx, value: Any) -> tuple[tuple[str, int], ...] | None:
+    if value == "any":
+        return None
+    if not isinstance(value, list):
+        raise ctx.fail('firewall.ports must be "any" or a list like ["tcp/443"]', key="ports")
+    out = []
+    for item in value:
+        m = re.fullmatch(r"(tcp|udp)/(\d{1,5})", str(item))
+        if not m or not 0 < int(m.group(2)) < 65536:
+            raise ctx.fail(f"firewall.ports: {item!r} is not like 'tcp/443'", entry=str(item))
+        out.append((m.group(1), int(m.group(2))))
+    return tuple(out)
+
+
+def resolv_conf_servers(path: str = "/etc/resolv.conf") -> list[HostPort]:
+    servers = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    try:
+                        ipaddress.ip_address(parts[1].split("%")[0])
+                    except ValueError:
+                        continue
+                    servers.append((parts[1].split("%")[0], 53))
+    except OSError:
+        pass
+    return servers
+
+
+# ---------------------------------------------------------------- entry points
+
+TOP_KEYS = {"mode", "server", "upstream", "cache", "allow", "deny", "log", "firewall", "clients"}
+
+
+def parse_config(text: str, path: str = "<policy>") -> Config:
+    """Validate policy text; raise PolicyError (with file, line, entry) on any problem."""
+    ctx = _Ctx(path, text)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"line (\d+)", str(exc))
+        raise PolicyError(f"invalid TOML: {exc}", path=path, line=int(m.group(1)) if m else None) from None
+    unknown = sorted(set(data) - TOP_KEYS)
+    if unknown:
+        raise ctx.fail(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(TOP_KEYS))})", key=unknown[0])
+
+    mode = _mode(ctx, data.get("mode", "enforce"), "mode")
+
+    s = _table(ctx, data, "server", {"listen", "clients", "tcp_idle_timeout_ms", "tcp_max_connections"})
+    listen = _hostports(ctx, _str_list(ctx, s, "server", "listen") or ["127.0.0.1:5353"], "server.listen", 53)
+    clients_acl = _networks(ctx, _str_list(ctx, s, "server", "clients") or list(DEFAULT_CLIENTS),
+                            "server.clients")
+    idle_ms = _typed(ctx, s, "server", "tcp_idle_timeout_ms", int, 10_000)
+    max_conn = _typed(ctx, s, "server", "tcp_max_connections", int, 256)
+    if idle_ms <= 0 or max_conn <= 0:
+        raise ctx.fail("server.tcp_idle_timeout_ms and tcp_max_connections must be positive",
+                       key="tcp_idle_timeout_ms" if idle_ms <= 0 else "tcp_max_connections")
+    server = ServerSettings(listen, clients_acl, idle_ms / 1000, max_conn)
+
+    u = _table(ctx, data, "upstream", {"servers", "timeout_ms"})
+    timeout_ms = _typed(ctx, u, "upstream", "timeout_ms", int, 2000)
+    if not 10 <= timeout_ms <= 60_000:
+        raise ctx.fail("upstream.timeout_ms must be between 10 and 60000", key="timeout_ms")
+    if "servers" in u:
+        servers = _hostports(ctx, _str_list(ctx, u, "upstream", "servers"), "upstream.servers", 53)
+        if not servers:
+            raise ctx.fail("upstream.servers is empty; remove it to use /etc/resolv.conf", key="servers")
+        from_resolv = False
+    else:
+        # Never forward to ourselves: that would loop every query back in.
+        own = set(listen)
+        servers = tuple(hp for hp in resolv_conf_servers() if hp not in own)
+        from_resolv = True
+    upstream = UpstreamSettings(servers, timeout_ms / 1000, from_resolv)
+
+    c = _table(ctx, data, "cache", {"max_entries", "min_ttl", "max_ttl", "negative_max_ttl"})
+    cache = CacheSettings(
+        max_entries=_typed(ctx, c, "cache", "max_entries", int, 100_000),
+        min_ttl=_typed(ctx, c, "cache", "min_ttl", int, 0),
+        max_ttl=_typed(ctx, c, "cache", "max_ttl", int, 86_400),
+        negative_max_ttl=_typed(ctx, c, "cache", "negative_max_ttl", int, 3_600),
+    )
+    if cache.max_entries < 0 or cache.min_ttl < 0 or cache.max_ttl < cache.min_ttl:
+        raise ctx.fail("cache: max_entries >= 0 and 0 <= min_ttl <= max_ttl required", key="cache")
+
+    a = _table(ctx, data, "allow", {"domains", "cidrs"})
+    d = _table(ctx, data, "deny", {"domains"})
+    allow = _str_list(ctx, a, "allow", "domains")
+    deny = _str_list(ctx, d, "deny", "domains")
+    matcher = _matcher(ctx, allow, deny, "")
+    allow_cidrs = _networks(ctx, _str_list(ctx, a, "allow", "cidrs"), "allow.cidrs")
+
+    lg = _table(ctx, data, "log", {"enabled", "database", "retention_days", "queue_max"})
+    log = LogSettings(
+        enabled=_typed(ctx, lg, "log", "enabled", bool, True),
+        database=_typed(ctx, lg, "log", "database", str, "dnsguard.db"),
+        retention_days=_typed(ctx, lg, "log", "retention_days", int, 30),
+        queue_max=_typed(ctx, lg, "log", "queue_max", int, 200_000),
+    )
+    if log.retention_days < 0 or log.queue_max <= 0:
+        raise ctx.fail("log.retention_days must be >= 0 and log.queue_max > 0", key="log")
+
+    fw = _table(ctx, data, "firewall", {"enabled", "min_ttl", "max_ttl", "ports"})
+    firewall = FirewallSettings(
+        enabled=_typed(ctx, fw, "firewall", "enabled", bool, False),
+        min_ttl=_typed(ctx, fw, "firewall", "min_ttl", int, 30),
+        max_ttl=_typed(ctx, fw, "firewall", "max_ttl", int, 86_400),
+        ports=_ports(ctx, fw["ports"]) if "ports" in fw else FirewallSettings.ports,
+    )
+    if not 1 <= firewall.min_ttl <= firewall.max_ttl <= 2_147_483:
+        raise ctx.fail("firewall: 1 <= min_ttl <= max_ttl <= 2147483 required (ipset's limits)",
+                       key="min_ttl")
+
+    clients = _clients(ctx, data.get("clients", []), mode, allow, deny)
+
+    return Config(
+        path=path, text=text, mode=mode, server=server, upstream=upstream, cache=cache, log=log,
+        firewall=firewall, allow_domains=tuple(allow), deny_domains=tuple(deny),
+        allow_cidrs=allow_cidrs, clients=clients, matcher=matcher,
+    )
+
+
+def _clients(ctx: _Ctx, raw: Any, mode: str, allow: list[str], deny: list[str]) -> tuple[ClientPolicy, ...]:
+    if not isinstance(raw, list):
+        raise ctx.fail("clients must be an array of tables ([[clients]])", key="clients")
+    out = []
+    names = set()
+    for i, entry in enumerate(raw):
+        where = f"clients[{i}]"
+        if not isinstance(entry, dict):
+            raise ctx.fail(f"{where} must be a table", key="clients")
+        unknown = sorted(set(entry) - {"name", "sources", "mode", "allow", "deny"})
+        if unknown:
+            raise ctx.fail(f"unknown key {where}.{unknown[0]}", key=unknown[0])
+        name = entry.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            raise ctx.fail(f"{where}.name must be a short word like 'openclaw'", entry=str(name), key="name")
+        if name in names:
+            raise ctx.fail(f"{where}.name {name!r} is used twice", entry=name)
+        names.add(name)
+        sources = _networks(ctx, _str_list(ctx, entry, where, "sources"), f"{where}.sources")
+        if not sources:
+            raise ctx.fail(f"{where}.sources must list at least one address or CIDR", key="sources")
+        cmode = _mode(ctx, entry.get("mode", mode), f"{where}.mode")
+        callow = _str_list(ctx, entry, where, "allow")
+        cdeny = _str_list(ctx, entry, where, "deny")
+        # A client's lists add to the top-level ones; deny still wins over allow.
+        matcher = _matcher(ctx, allow + callow, deny + cdeny, f"{where}.")
+        out.append(ClientPolicy(name, sources, cmode, tuple(callow), tuple(cdeny), matcher))
+    return tuple(out)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a policy file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(f"cannot read policy: {exc}", path=str(p)) from None
+    return parse_config(text, str(p))
+
+
+def default_policy_path() -> Path:
+    """``./policy.toml`` when present (the repository's shipped policy), else the packaged copy."""
+    local = Path("policy.toml")
+    return local if local.is_file() else PACKAGED_POLICY

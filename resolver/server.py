@@ -1,0 +1,232 @@
+"""Transports and lifecycle: UDP and TCP listeners around one Resolver.
+
+Lifecycle (as uvicorn does it): ``start()`` binds everything or fails before
+serving anything; ``serve_forever()`` waits for SIGTERM/SIGINT (SIGHUP reloads
+the policy); ``stop()`` closes listeners, lets in-flight answers finish within
+a deadline, then drains the lookup log.
+
+TCP follows RFC 7766: 2-byte length framing, several queries per connection,
+answered concurrently (a slow miss does not hold up a cached answer behind it).
+Idle and half-sent connections are closed after ``tcp_idle_timeout``; at the
+connection cap the longest-idle connection is closed to make room, so a pile
+of idle or slow clients can never lock out a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .chain import Resolver
+from .config import Config, HostPort
+
+
+def _format_listen(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class UdpProtocol(asyncio.DatagramProtocol):
+    __slots__ = ("handle", "transport", "tasks", "sendto")
+
+    def __init__(self, resolver: Resolver, tasks: set[asyncio.Task]) -> None:
+        self.handle = resolver.handle
+        self.tasks = tasks
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.sendto = transport.sendto  # type: ignore[attr-defined]
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        r = self.handle(data, addr[0], "udp")
+        if r is None:
+            return
+        if r.__class__ is bytes:
+            self.sendto(r, addr)
+            return
+        task = asyncio.get_running_loop().create_task(self._finish(r, addr))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _finish(self, coro: Any, addr: tuple) -> None:
+        resp = await coro
+        if resp is not None and self.transport is not None and not self.transport.is_closing():
+            self.sendto(resp, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors for earlier replies (client went away): nothing to do, keep serving.
+        pass
+
+
+class TcpProtocol(asyncio.Protocol):
+    """One client connection: frames in, answers out (possibly out of order)."""
+
+    def __init__(self, server: DnsServer) -> None:
+        self.server = server
+        self.handle = server.resolver.handle
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.last_active = time.monotonic()
+        self.pending = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else "?"
+        self.server.tcp_opened(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.tcp_closed(self)
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
+        buf = self.buf
+        buf += data
+        while len(buf) >= 2:
+            size = (buf[0] << 8) | buf[1]
+            if len(buf) < 2 + size:
+                break
+            msg = bytes(buf[2:2 + size])
+            del buf[:2 + size]
+            r = self.handle(msg, self.peer, "tcp")
+            if r is None:
+                continue
+            if r.__class__ is bytes:
+                self._send(r)
+            else:
+                self.pending += 1
+                task = asyncio.get_running_loop().create_task(self._finish(r))
+                self.server.tasks.add(task)
+                task.add_done_callback(self.server.tasks.discard)
+        if len(buf) > 2 + 65535:  # cannot happen with 2-byte lengths; belt and braces
+            self.close()
+
+    async def _finish(self, coro: Any) -> None:
+        try:
+            resp = await coro
+            if resp is not None:
+                self._send(resp)
+        finally:
+            self.pending -= 1
+            self.last_active = time.monotonic()
+
+    def _send(self, resp: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(len(resp).to_bytes(2, "big") + resp)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class DnsServer:
+    """Owns the listeners, the resolver, and the background tasks."""
+
+    def __init__(self, config: Config, resolver: Resolver, *, announce: Callable[[str], None] | None = None,
+                 on_reload: Callable[[], None] | None = None) -> None:
+        self.config = config
+        self.resolver = resolver
+        self.announce = announce or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.on_reload = on_reload
+        self.tasks: set[asyncio.Task] = set()
+        self.udp_transports: list[asyncio.DatagramTransport] = []
+        self.tcp_servers: list[asyncio.base_events.Server] = []
+        self.tcp_conns: set[TcpProtocol] = set()
+        self.bound: list[HostPort] = []
+        self._stop = asyncio.Event()
+        self._sweeper: asyncio.Task | None = None
+
+    # -- connections --------------------------------------------------------------------
+
+    def tcp_opened(self, conn: TcpProtocol) -> None:
+        self.tcp_conns.add(conn)
+        if len(self.tcp_conns) > self.config.server.tcp_max_connections:
+            # Make room by closing the connection that has been quiet the longest.
+            idle = [c for c in self.tcp_conns if c is not conn and not c.pending] or \
+                   [c for c in self.tcp_conns if c is not conn]
+            victim = min(idle, key=lambda c: c.last_active)
+            victim.close()
+
+    def tcp_closed(self, conn: TcpProtocol) -> None:
+        self.tcp_conns.discard(conn)
+
+    async def _sweep(self) -> None:
+        idle = self.config.server.tcp_idle_timeout
+        while True:
+            await asyncio.sleep(min(1.0, idle / 4))
+            cutoff = time.monotonic() - idle
+            for conn in [c for c in self.tcp_conns if c.last_active < cutoff and not c.pending]:
+                conn.close()
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for host, port in self.config.server.listen:
+            for attempt in range(20):
+                udp_t = tcp_s = None
+                try:
+                    udp_t, _ = await loop.create_datagram_endpoint(
+                        lambda: UdpProtocol(self.resolver, self.tasks), local_addr=(host, port),
+                        family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+                    real_port = udp_t.get_extra_info("sockname")[1]
+                    tcp_s = await loop.create_server(lambda: TcpProtocol(self), host, real_port,
+                                                     reuse_address=True, backlog=1024)
+                except OSError:
+                    if udp_t is not None:
+                        udp_t.close()
+                    # Port 0: the kernel's UDP choice may be taken for TCP; pick again.
+                    if port == 0 and attempt < 19:
+                        continue
+                    await self.stop()
+                    raise
+                self.udp_transports.append(udp_t)  # type: ignore[arg-type]
+                self.tcp_servers.append(tcp_s)
+                self.bound.append((host, real_port))
+                break
+        self._sweeper = loop.create_task(self._sweep())
+        for host, port in self.bound:
+            self.announce(f"dnsguard: listening on {_format_listen(host, port)} (udp+tcp)")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        if self.on_reload is not None:
+            loop.add_signal_handler(signal.SIGHUP, self.on_reload)
+        try:
+            await self._stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                with contextlib.suppress(Exception):
+                    loop.remove_signal_handler(sig)
+            await self.stop()
+
+    async def stop(self, grace: float = 2.0) -> None:
+        for s in self.tcp_servers:
+            s.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        # In-flight misses get a bounded moment to finish and be sent; then everything closes.
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=grace)
+        for t in self.udp_transports:
+            t.close()
+        for conn in list(self.tcp_conns):
+            conn.close()
+        for s in self.tcp_servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(s.wait_closed(), 1.0)
+        self.udp_transports.clear()
+        self.tcp_servers.clear()
