@@ -69,6 +69,28 @@ class ClientView:
         return d
 
 
+Named = list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ClientPolicy]]
+
+
+def named_networks(config: Config) -> Named:
+    """[[clients]] sources, longest prefix first (the most specific client wins)."""
+    return sorted(((net, c) for c in config.clients for net in c.sources), key=lambda nc: -nc[0].prefixlen)
+
+
+def classify(config: Config, ip: str, named: Named) -> ClientView:
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ClientView(False, config.mode, config.matcher, None)
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    for net, client in named:  # a named client's sources are implicitly allowed to ask
+        if addr.version == net.version and addr in net:
+            return ClientView(True, client.mode, client.matcher, client.name)
+    served = any(addr.version == net.version and addr in net for net in config.server.clients)
+    return ClientView(served, config.mode, config.matcher, None)
+
+
 class Resolver:
     """The query path, bound to one policy at a time (``use`` swaps it atomically)."""
 
@@ -91,9 +113,7 @@ class Resolver:
         self._deny_opts: dict[tuple[Decision, int, str | None], bytes] = {}
         self._refused_opts = {do: wire.opt_record(do, wire.ede_option(
             wire.EDE_PROHIBITED, "dnsguard: this client may not use this resolver")) for do in (0, 0x80)}
-        self._acl = config.server.clients
-        self._named: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ClientPolicy]] = sorted(
-            ((net, c) for c in config.clients for net in c.sources), key=lambda nc: -nc[0].prefixlen)
+        self._named = named_networks(config)
 
     def view(self, ip: str) -> ClientView:
         v = self._views.get(ip)
@@ -105,19 +125,12 @@ class Resolver:
         return v
 
     def _classify(self, ip: str) -> ClientView:
-        cfg = self.config
-        try:
-            addr = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
-            return ClientView(False, cfg.mode, cfg.matcher, None)
-        if addr.version == 6 and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        # Longest prefix wins among named clients; their sources are implicitly served.
-        for net, client in self._named:
-            if addr.version == net.version and addr in net:
-                return ClientView(True, client.mode, client.matcher, client.name)
-        served = any(addr.version == net.version and addr in net for net in self._acl)
-        return ClientView(served, cfg.mode, cfg.matcher, None)
+        return classify(self.config, ip, self._named)
+
+    @staticmethod
+    def view_for(config: Config, ip: str) -> ClientView:
+        """How ``config`` treats client ``ip`` (for `dnsguard check --client`)."""
+        return classify(config, ip, named_networks(config))
 
     def _deny_opt(self, d: Decision, do: int, label: str | None) -> bytes:
         key = (d, do, label)

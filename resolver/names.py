@@ -17,8 +17,6 @@ MAX_LABEL = 63
 
 # Characters that may appear unescaped in a label of a name written in a policy.
 _PLAIN = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
-# Bytes that wire_to_text escapes with a backslash (as dnspython does).
-_ESCAPED = frozenset(b'"().;\\@$')
 
 
 def _split_presentation(name: str) -> list[bytes]:
@@ -114,12 +112,14 @@ def wire_labels(wire: bytes) -> list[bytes]:
 
 
 def label_to_text(label: bytes) -> str:
+    # Anything a policy could not contain unescaped is escaped, so the text is
+    # safe to print (no control bytes reach a terminal) and parses back exactly.
     out = []
     for b in label:
-        if b in _ESCAPED or b == 0x2E:
-            out.append("\\" + chr(b))
-        elif 0x21 <= b <= 0x7E:
+        if b in _PLAIN:
             out.append(chr(b))
+        elif 0x21 <= b <= 0x7E:
+            out.append("\\" + chr(b))
         else:
             out.append(f"\\{b:03d}")
     return "".join(out)

@@ -1,0 +1,143 @@
+"""Assembles a running dnsguard from a Config: resolver, log, fence, server, reloads.
+
+The CLI calls ``run(options)``; tests call it through the CLI in a subprocess.
+Reload (SIGHUP, or the policy file changing on disk) parses the new file
+completely first; only a valid policy replaces the running one, and queries in
+flight finish under the policy they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .chain import Resolver
+from .config import Config, load_config
+from .errors import DnsguardError
+from .server import DnsServer
+
+try:  # uvloop's UDP path costs a fraction of the stock selector loop's per datagram
+    import uvloop
+except ImportError:  # pragma: no cover - non-Linux fallback
+    uvloop = None
+
+
+@dataclass
+class ServeOptions:
+    policy_path: str
+    listen: tuple[tuple[str, int], ...] = ()
+    mode: str | None = None
+    upstream: tuple[tuple[str, int], ...] = ()
+    db: str | None = None
+    log_enabled: bool | None = None
+    firewall: bool | None = None
+    watch_interval: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def apply_overrides(config: Config, opts: ServeOptions) -> Config:
+    """Command-line options win over the policy file."""
+    server, upstream, log, firewall = config.server, config.upstream, config.log, config.firewall
+    if opts.listen:
+        server = replace(server, listen=opts.listen)
+    if opts.upstream:
+        upstream = replace(upstream, servers=opts.upstream, from_resolv_conf=False)
+    if opts.db is not None:
+        log = replace(log, database=opts.db)
+    if opts.log_enabled is not None:
+        log = replace(log, enabled=opts.log_enabled)
+    if opts.firewall is not None:
+        firewall = replace(firewall, enabled=opts.firewall)
+    changes: dict[str, Any] = {"server": server, "upstream": upstream, "log": log, "firewall": firewall}
+    if opts.mode is not None:
+        changes["mode"] = opts.mode
+        # An explicit --mode applies to every client, named ones included.
+        changes["clients"] = tuple(replace(c, mode=opts.mode) for c in config.clients)
+    return config.replace(**changes)
+
+
+class App:
+    def __init__(self, opts: ServeOptions) -> None:
+        self.opts = opts
+        self.config = apply_overrides(load_config(opts.policy_path), opts)
+        if not self.config.upstream.servers:
+            raise DnsguardError("no upstream servers: set [upstream] servers or --upstream "
+                                "(/etc/resolv.conf lists none besides dnsguard itself)")
+        self.querylog: Any = None
+        self.feeder: Any = None
+        self._mtime = self._stat()
+
+    def _stat(self) -> tuple[float, int] | None:
+        try:
+            st = os.stat(self.opts.policy_path)
+        except OSError:
+            return None
+        return st.st_mtime, st.st_size
+
+    def reload(self, reason: str = "SIGHUP") -> bool:
+        try:
+            new = apply_overrides(load_config(self.opts.policy_path), self.opts)
+        except DnsguardError as exc:
+            print(f"dnsguard: policy reload ({reason}) rejected, keeping the running policy: {exc}",
+                  file=sys.stderr, flush=True)
+            return False
+        self.config = new
+        self.resolver.use(new)
+        if self.querylog is not None and hasattr(self.querylog, "record_policy"):
+            self.querylog.record_policy(new.text, new.sha256, new.path)
+        print(f"dnsguard: policy reloaded ({reason}): {new.matcher.rule_count} rules, mode {new.mode}",
+              file=sys.stderr, flush=True)
+        return True
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.opts.watch_interval)
+            now = self._stat()
+            if now is not None and now != self._mtime:
+                self._mtime = now
+                self.reload("file changed")
+
+    async def main(self) -> int:
+        cfg = self.config
+        if cfg.log.enabled:
+            from .querylog import QueryLog
+
+            self.querylog = QueryLog(cfg.log.database, queue_max=cfg.log.queue_max,
+                                     retention_days=cfg.log.retention_days)
+            self.querylog.start()
+            if hasattr(self.querylog, "record_policy"):
+                self.querylog.record_policy(cfg.text, cfg.sha256, cfg.path)
+        if cfg.firewall.enabled:
+            from .fence import make_feeder
+
+            self.feeder = make_feeder(cfg, self.querylog)
+        self.resolver = Resolver(cfg, submit=self.querylog.submit if self.querylog else None,
+                                 feeder=self.feeder)
+        server = DnsServer(cfg, self.resolver, on_reload=self.reload)
+        watcher = None
+        try:
+            await server.start()
+            watcher = asyncio.get_running_loop().create_task(self._watch())
+            await server.serve_forever()
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            if self.feeder is not None and hasattr(self.feeder, "close"):
+                self.feeder.close()
+            if self.querylog is not None:
+                # Drain off the loop thread: the writer may need a moment to commit.
+                await asyncio.get_running_loop().run_in_executor(None, self.querylog.close)
+        return 0
+
+
+def run(opts: ServeOptions) -> int:
+    app = App(opts)
+    factory = uvloop.new_event_loop if uvloop is not None else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(app.main())
