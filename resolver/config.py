@@ -268,7 +268,8 @@ def parse_config(text: str, path: str = "<policy>") -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"line (\d+)", str(exc))
-        raise PolicyError(f"invalid TOML: {exc}", path=path, line=int(m.group(1)) if m else None) from None
+        line = int(m.group(1)) if m else (len(ctx.lines) or None) if "end of document" in str(exc) else None
+        raise PolicyError(f"invalid TOML: {exc}", path=path, line=line) from None
     unknown = sorted(set(data) - TOP_KEYS)
     if unknown:
         raise ctx.fail(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(TOP_KEYS))})", key=unknown[0])
