@@ -1,0 +1,462 @@
+"""`dnsguard report`: read the lookup log (formatting only; the data comes from resolver.report)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from . import report as rpt
+from .errors import DnsguardError
+
+DEFAULT_DB = "dnsguard.db"
+DEFAULT_SINCE = "24h"
+FORMATS = ("table", "json", "csv")
+
+
+# ------------------------------------------------------------------- options
+@dataclass
+class _Opts:
+    db: str | None = None
+    since: str | None = None
+    until: str | None = None
+    client: str | None = None
+    verdict: str | None = None
+    name: str | None = None
+    fmt: str | None = None
+
+    def merged(self, parent: _Opts | None) -> _Opts:
+        """Options given on the subcommand win; the rest come from `report` itself."""
+        if parent is None:
+            return self
+        return _Opts(**{k: v if v is not None else getattr(parent, k) for k, v in vars(self).items()})
+
+
+def _common_options(f: Callable) -> Callable:
+    options = [
+        click.option("--db", "db", metavar="PATH", envvar="DNSGUARD_DB",
+                     help=f"lookup log database (default ./{DEFAULT_DB}; env DNSGUARD_DB)"),
+        click.option("--since", metavar="WHEN",
+                     help="start of the window: 30m, 1h, 24h, 7d, 2w or an ISO time (UTC unless "
+                          "it has an offset)"),
+        click.option("--until", metavar="WHEN", help="end of the window (default now); same syntax"),
+        click.option("--client", metavar="IP", help="only this client address (or CIDR)"),
+        click.option("--verdict", type=click.Choice(["allow", "deny"]), help="only this verdict"),
+        click.option("--name", metavar="PATTERN",
+                     help="only this name: example.com exactly, *.example.com any depth below it"),
+        click.option("--format", "fmt", type=click.Choice(FORMATS), help="output format (default table)"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _window(opts: _Opts, default_since: str | None, now: float) -> tuple[float | None, float]:
+    since_text = opts.since if opts.since is not None else default_since
+    since = rpt.parse_when(since_text, now) if since_text else None
+    until = rpt.parse_when(opts.until, now) if opts.until else now
+    if since is not None and since >= until:
+        raise rpt.ReportError(f"--since ({since_text}) is not before --until ({opts.until or 'now'})")
+    return since, until
+
+
+def _filters(opts: _Opts) -> rpt.Filters:
+    return rpt.Filters(client=opts.client, verdict=opts.verdict, name=opts.name)
+
+
+def _open(opts: _Opts) -> Any:
+    return rpt.open_log(opts.db or DEFAULT_DB)
+
+
+def _run(fn: Callable[[], None]) -> None:
+    """Turn our errors into one clean line (exit 1) instead of a traceback."""
+    try:
+        fn()
+    except DnsguardError as exc:
+        raise click.ClickException(str(exc)) from None
+    except sqlite3.Error as exc:
+        raise click.ClickException(f"reading the lookup log failed: {exc}") from None
+    except BrokenPipeError:
+        # `dnsguard report tail | head`: the reader left, which is not an error.
+        sys.stderr.close()
+
+
+# ----------------------------------------------------------------- formatting
+def _use_colour() -> bool:
+    return click.get_text_stream("stdout").isatty()
+
+
+def _style(text: str, colour: bool, **kw: Any) -> str:
+    return click.style(text, **kw) if colour else text
+
+
+def _human(iso_text: str | None, ms: bool = False) -> str:
+    """``2024-05-01T12:00:00.123Z`` -> ``2024-05-01 12:00:00`` (UTC, like every report time)."""
+    if not iso_text:
+        return "-"
+    text = iso_text.replace("T", " ").rstrip("Z")
+    return text if ms else text[:19]
+
+
+def _num(n: int) -> str:
+    return f"{n:,}"
+
+
+def _clients_cell(clients: Sequence[str], count: int, show: int = 3) -> str:
+    shown = ", ".join(clients[:show])
+    return f"{shown} +{count - show}" if count > show else shown
+
+
+def _rules_cell(rules: Sequence[str | None]) -> str:
+    return ", ".join("(default deny)" if r is None else r for r in rules) or "-"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Iterable[int] = (),
+           colours: dict[int, Callable[[str], dict]] | None = None, colour: bool = False,
+           widths: Sequence[int] | None = None) -> list[str]:
+    """Aligned text columns; the last column is never padded. Styling applies after padding
+    so escape codes never upset the alignment."""
+    right = set(right)
+    if widths is None:
+        widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    lines = []
+
+    def fmt(cells: Sequence[str], header: bool) -> str:
+        out = []
+        last = len(cells) - 1
+        for i, cell in enumerate(cells):
+            padded = cell if i == last else (cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]))
+            if header:
+                padded = _style(padded, colour, bold=True)
+            elif colours and i in colours:
+                style = colours[i](cell)
+                if style:
+                    padded = _style(padded, colour, **style)
+            out.append(padded)
+        return "  ".join(out).rstrip()
+
+    lines.append(fmt(headers, True))
+    lines.extend(fmt(r, False) for r in rows)
+    return lines
+
+
+def _verdict_style(cell: str) -> dict:
+    return {"fg": "red", "bold": True} if cell == "deny" else {"fg": "green"} if cell == "allow" else {}
+
+
+def _rcode_style(cell: str) -> dict:
+    return {"fg": "yellow"} if cell in ("SERVFAIL", "NXDOMAIN", "DROPPED", "FORMERR") else {}
+
+
+def _overflow_lines(overflow: dict, colour: bool) -> list[str]:
+    if not overflow["total"]:
+        return []
+    text = (f"WARNING: {_num(overflow['total'])} lookups were not logged because the log queue was "
+            f"full ({_num(overflow['in_window'])} in this window; last {_human(overflow['last'])} UTC)")
+    return [_style(text, colour, fg="red", bold=True)]
+
+
+def _head_lines(data: dict, colour: bool) -> list[str]:
+    window = data["window"]
+    since = _human(window["since"]) if window["since"] else "the beginning"
+    lines = _overflow_lines(data["overflow"], colour)
+    lines.append(f"dnsguard lookup log {data['database']}")
+    lines.append(f"window   {since} .. {_human(window['until'])} UTC")
+    active = [f"{k}={v}" for k, v in data["filters"].items() if v is not None]
+    if active:
+        lines.append(f"filters  {' '.join(active)}")
+    return lines
+
+
+def _emit(lines: Iterable[str]) -> None:
+    for line in lines:
+        click.echo(line)
+
+
+def _csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------- summary
+_SUMMARY_CSV = ("section", "key", "count", "enforce", "audit", "rcode", "rules", "clients",
+                "first_seen", "last_seen")
+
+
+def _summary_csv(data: dict) -> str:
+    rows: list[list[Any]] = []
+    for key in ("total", "in_window"):
+        rows.append(["overflow", key, data["overflow"][key], "", "", "", "", "", "",
+                     data["overflow"]["last"]])
+    for key, value in data["totals"].items():
+        if key != "by_verdict_mode":
+            rows.append(["totals", key, value, "", "", "", "", "", "", ""])
+    for section in ("top_denied", "top_allowed"):
+        for r in data[section]:
+            rows.append([section, r["name"], r["count"], r["enforce"], r["audit"], "",
+                         " ".join("-" if x is None else x for x in r["rules"]), " ".join(r["clients"]),
+                         r["first_seen"], r["last_seen"]])
+    for r in data["upstream_failures"]:
+        rows.append(["upstream_failures", r["name"], r["count"], "", "", r["rcode"], "",
+                     " ".join(r["clients"]), r["first_seen"], r["last_seen"]])
+    for r in data["blocked_connections"]:
+        key = f"{r['destination']} {r['protocol']}/{r['port']}" + (f" {r['name']}" if r["name"] else "")
+        rows.append(["blocked_connections", key, r["count"], "", "", "", "", " ".join(r["sources"]),
+                     r["first_seen"], r["last_seen"]])
+    return _csv_text(_SUMMARY_CSV, rows)
+
+
+def _summary_table(data: dict, colour: bool) -> list[str]:
+    t = data["totals"]
+    lines = _head_lines(data, colour)
+    share = f" ({t['deny'] / t['lookups']:.1%})" if t["lookups"] else ""
+    lines += [
+        "",
+        f"lookups  {_num(t['lookups'])}   allow {_num(t['allow'])}   "
+        + _style(f"deny {_num(t['deny'])}{share}", colour and t["deny"] > 0, fg="red")
+        + f"   malformed {_num(t['malformed'])}",
+        f"modes    enforce {_num(t['enforce'])}   audit {_num(t['audit'])}",
+        f"distinct names {_num(t['distinct_names'])}   clients {_num(t['distinct_clients'])}",
+    ]
+    if not t["lookups"]:
+        lines += ["", "no lookups in this window"]
+    for title, key in (("Top denied names", "top_denied"), ("Top allowed names", "top_allowed")):
+        if not data[key]:
+            continue
+        lines += ["", _style(title, colour, bold=True)]
+        rows = [[_num(r["count"]), _num(r["enforce"]), _num(r["audit"]), r["name"], _rules_cell(r["rules"]),
+                 _human(r["first_seen"]), _human(r["last_seen"]),
+                 _clients_cell(r["clients"], r["client_count"])] for r in data[key]]
+        lines += _table(["COUNT", "ENFORCE", "AUDIT", "NAME", "RULE", "FIRST SEEN", "LAST SEEN", "CLIENTS"],
+                        rows, right={0, 1, 2}, colour=colour)
+    if data["upstream_failures"]:
+        lines += ["", _style("Allowed lookups that failed upstream (SERVFAIL / NXDOMAIN)", colour, bold=True)]
+        rows = [[_num(r["count"]), r["rcode"], r["name"], _human(r["first_seen"]), _human(r["last_seen"]),
+                 _clients_cell(r["clients"], r["client_count"])] for r in data["upstream_failures"]]
+        lines += _table(["COUNT", "RCODE", "NAME", "FIRST SEEN", "LAST SEEN", "CLIENTS"], rows,
+                        right={0}, colours={1: _rcode_style}, colour=colour)
+    if data["blocked_connections"]:
+        lines += ["", _style("Blocked connections", colour, bold=True)]
+        rows = [[_num(r["count"]), r["destination"] or "-", f"{r['protocol'] or '-'}/{r['port'] or '-'}",
+                 r["name"] or "-", _human(r["first_seen"]), _human(r["last_seen"]),
+                 _clients_cell(r["sources"], len(r["sources"]))] for r in data["blocked_connections"]]
+        lines += _table(["COUNT", "DESTINATION", "PORT", "NAME", "FIRST SEEN", "LAST SEEN", "SOURCES"], rows,
+                        right={0}, colour=colour)
+    lines.append("")
+    lines.append("times are UTC; `dnsguard report names` lists every name, `dnsguard report tail` "
+                 "the latest lookups")
+    return lines
+
+
+@click.group(invoke_without_command=True)
+@_common_options
+@click.option("--top", type=click.IntRange(1, 10_000), default=10, show_default=True,
+              help="rows in each top list")
+@click.pass_context
+def report(ctx: click.Context, top: int, fmt: str | None, **kw: Any) -> None:
+    """Summarise the lookup log: what was asked, what was denied, what failed.
+
+    Without a subcommand prints the summary for the window (default the last 24h):
+    totals by verdict and mode, distinct names and clients, the top denied and
+    allowed names with counts, first/last seen and the clients that asked, allowed
+    lookups that upstream answered SERVFAIL/NXDOMAIN, blocked connections, and at
+    the top how many lookups could not be logged (queue overflow), if any.
+
+    The filters work with every view and may be given here or after the subcommand.
+    The database is opened read-only, so reports are safe while `dnsguard serve` runs.
+
+    \b
+    Examples:
+      dnsguard report --since 7d --verdict deny
+      dnsguard report --db /var/lib/dnsguard/dnsguard.db --name '*.github.com' --format json
+      dnsguard report names --client 127.0.0.1
+      dnsguard report tail -f
+    """
+    opts = _Opts(fmt=fmt, **kw)
+    ctx.obj = opts
+    if ctx.invoked_subcommand is not None:
+        return
+
+    def go() -> None:
+        now = time.time()
+        since, until = _window(opts, DEFAULT_SINCE, now)
+        db = _open(opts)
+        data = rpt.summary(db, since=since, until=until, filters=_filters(opts), top=top, now=now)
+        if opts.fmt == "json":
+            click.echo(json.dumps(data, indent=2))
+        elif opts.fmt == "csv":
+            click.echo(_summary_csv(data), nl=False)
+        else:
+            _emit(_summary_table(data, _use_colour()))
+
+    _run(go)
+
+
+# ------------------------------------------------------------------- names
+_NAMES_CSV = ("name", "count", "allow", "deny", "enforce", "audit", "rules", "rcodes", "client_count",
+              "clients", "first_seen", "last_seen")
+
+
+@report.command("names")
+@_common_options
+@click.option("--sort", type=click.Choice(list(rpt.NAME_SORTS)), default="count", show_default=True,
+              help="order of the rows")
+@click.option("--limit", type=click.IntRange(0), default=100, show_default=True,
+              help="at most this many names (0 = all)")
+@click.pass_context
+def names_cmd(ctx: click.Context, sort: str, limit: int, fmt: str | None, **kw: Any) -> None:
+    """One row per name: lookups, verdicts, rule, rcodes, clients, first/last seen.
+
+    Window defaults to the last 24h; filters as for `dnsguard report`.
+
+    \b
+    Examples:
+      dnsguard report names --since 7d --verdict deny --sort last
+      dnsguard report names --name '*.githubusercontent.com' --format csv > names.csv
+    """
+    opts = _Opts(fmt=fmt, **kw).merged(ctx.obj)
+
+    def go() -> None:
+        now = time.time()
+        since, until = _window(opts, DEFAULT_SINCE, now)
+        db = _open(opts)
+        data = rpt.names(db, since=since, until=until, filters=_filters(opts), sort=sort,
+                         limit=limit or None, now=now)
+        if opts.fmt == "json":
+            click.echo(json.dumps(data, indent=2))
+            return
+        if opts.fmt == "csv":
+            rows = [[r["name"], r["count"], r["allow"], r["deny"], r["enforce"], r["audit"],
+                     " ".join("-" if x is None else x for x in r["rules"]),
+                     " ".join(f"{k}={v}" for k, v in r["rcodes"].items()), r["client_count"],
+                     " ".join(r["clients"]), r["first_seen"], r["last_seen"]] for r in data["names"]]
+            click.echo(_csv_text(_NAMES_CSV, rows), nl=False)
+            return
+        colour = _use_colour()
+        lines = _head_lines(data, colour) + [""]
+        if not data["names"]:
+            lines.append("no lookups in this window")
+        else:
+            rows = [[_num(r["count"]), _num(r["allow"]), _num(r["deny"]), _num(r["audit"]), r["name"],
+                     _rules_cell(r["rules"]), " ".join(f"{k}={v}" for k, v in r["rcodes"].items()),
+                     _human(r["first_seen"]), _human(r["last_seen"]),
+                     _clients_cell(r["clients"], r["client_count"])] for r in data["names"]]
+            lines += _table(["COUNT", "ALLOW", "DENY", "AUDIT", "NAME", "RULE", "RCODES", "FIRST SEEN",
+                             "LAST SEEN", "CLIENTS"], rows, right={0, 1, 2, 3}, colour=colour)
+            if limit and len(data["names"]) == limit:
+                lines += ["", f"(first {limit} names; --limit 0 for all)"]
+        _emit(lines)
+
+    _run(go)
+
+
+# -------------------------------------------------------------------- tail
+_TAIL_HEADERS = ["TIME (UTC)", "CLIENT", "PROTO", "TYPE", "VERDICT", "MODE", "RCODE", "MS", "CACHED",
+                 "NAME", "RULE / ANSWERS / NOTE"]
+# Fixed widths so rows printed later by --follow line up with the first screen.
+_TAIL_WIDTHS = [23, 15, 5, 6, 7, 7, 8, 8, 6, 40, 0]
+
+
+def _tail_cells(r: dict) -> list[str]:
+    extra = []
+    if r["rule"]:
+        extra.append(f"rule {r['rule']}")
+    if r["answers"]:
+        extra.append("-> " + " ".join(r["answers"]))
+    if r["note"]:
+        extra.append(f"({r['note']})")
+    return [
+        _human(r["time"], ms=True), r["client"] or "-", r["transport"] or "-", r["qtype"] or "-",
+        r["verdict"] or "-", r["mode"] or "-", r["rcode"] or "DROPPED",
+        "-" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}", "yes" if r["cached"] else "",
+        r["qname"] or "(unreadable)", " ".join(extra),
+    ]
+
+
+class _TailPrinter:
+    def __init__(self, fmt: str) -> None:
+        self.fmt = fmt
+        self.colour = _use_colour()
+        self.started = False
+
+    def rows(self, rows: list[dict]) -> None:
+        if self.fmt == "json":
+            for r in rows:
+                click.echo(json.dumps(r))
+        elif self.fmt == "csv":
+            text = _csv_text(rpt.LOOKUP_COLUMNS, [
+                [" ".join(r[c]) if c == "answers" and r[c] else r[c] for c in rpt.LOOKUP_COLUMNS]
+                for r in rows])
+            click.echo(text if not self.started else text.split("\n", 1)[1], nl=False)
+        else:
+            lines = _table(_TAIL_HEADERS, [_tail_cells(r) for r in rows], right={7},
+                           colours={4: _verdict_style, 6: _rcode_style}, colour=self.colour,
+                           widths=_TAIL_WIDTHS)
+            _emit(lines if not self.started else lines[1:])
+        self.started = True
+        sys.stdout.flush()
+
+
+@report.command("tail")
+@_common_options
+@click.option("-n", "--lines", "count", type=click.IntRange(1, 1_000_000), default=20, show_default=True,
+              help="how many recent lookups")
+@click.option("-f", "--follow", is_flag=True,
+              help="keep printing new lookups as they are logged (Ctrl-C stops)")
+@click.option("--interval", type=click.FloatRange(0.05, 60), default=0.5, show_default=True,
+              help="seconds between polls with --follow")
+@click.pass_context
+def tail_cmd(ctx: click.Context, count: int, follow: bool, interval: float, fmt: str | None,
+             **kw: Any) -> None:
+    """The most recent lookups, oldest first; -f keeps following new ones.
+
+    No window by default (the last N lookups whenever they were); --since/--until and
+    the filters narrow it. With --format json each lookup is one JSON object per line
+    (schema dnsguard-report-lookup/1), so `tail -f --format json` can be piped.
+
+    \b
+    Examples:
+      dnsguard report tail -n 50 --verdict deny
+      dnsguard report tail -f --client 127.0.0.1
+    """
+    opts = _Opts(fmt=fmt, **kw).merged(ctx.obj)
+
+    def go() -> None:
+        if follow and opts.until:
+            raise rpt.ReportError("--follow cannot be combined with --until")
+        now = time.time()
+        since = rpt.parse_when(opts.since, now) if opts.since else None
+        until = rpt.parse_when(opts.until, now) if opts.until else None
+        db = _open(opts)
+        filters = _filters(opts)
+        printer = _TailPrinter(opts.fmt or "table")
+        try:
+            mark = rpt.last_id(db)
+            rows = rpt.tail(db, n=count, since=since, until=until, filters=filters, max_id=mark)
+            if rows or not follow:
+                printer.rows(rows)
+            while follow:
+                time.sleep(interval)
+                # Read the high-water mark first, then everything up to it: rows that do not
+                # match the filters are skipped once, not rescanned on every poll.
+                top = rpt.last_id(db)
+                while mark < top:
+                    rows = rpt.tail(db, n=10_000, after_id=mark, max_id=top, since=since, filters=filters)
+                    if rows:
+                        printer.rows(rows)
+                    mark = rows[-1]["id"] if len(rows) == 10_000 else top
+        except KeyboardInterrupt:
+            return  # Ctrl-C is how -f ends: exit 0, no "Aborted!"
+
+    _run(go)

@@ -1,0 +1,476 @@
+"""The lookup log: every query, written to SQLite off the hot path, never lost silently.
+
+Producer side (the event loop) calls :meth:`QueryLog.submit` once per query. That is a
+length check and a ``deque.append`` -- no lock, no disk, no ``Event.set`` -- so logging
+costs the DNS path well under a microsecond whatever state the database is in.
+
+Consumer side is ONE writer thread that drains the deque in batched transactions
+(``executemany``, WAL, ``synchronous=NORMAL``). When it is idle it polls with a short
+wait instead of being woken per record. When the database cannot be written (disk full,
+locked by someone else, unwritable path) it prints one line to stderr per episode, keeps
+the records it holds plus everything queued up to ``queue_max`` (beyond that they are
+counted in :attr:`QueryLog.overflow` and the count is persisted later), and retries
+with backoff until it can write again.
+
+Schema (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`; see ``docs/log-and-report.md``)
+----------------------------------------------------------------------------------------
+Inserting into a table with TEXT indexes costs ~12 µs/row against ~2 µs/row with
+integer ones, so names, clients and rules are normalised into lookup tables and the
+base table ``lookup_rows`` holds only integers, reals and the rarely-present texts:
+
+* ``names(id, name UNIQUE)``        presentation names (lower case, no trailing dot)
+* ``clients(id, addr UNIQUE)``      source IP addresses
+* ``rules(id, rule UNIQUE)``        policy entries that decided
+* ``rrtypes(code, mnemonic)``       dnspython's type table, so qtype reads as ``AAAA``
+* ``lookup_rows``                   ts REAL epoch UTC, client_id, transport (0 udp, 1 tcp),
+                                    name_id, qtype (int), verdict (1 allow, 0 deny, NULL
+                                    malformed), mode (0 enforce, 1 audit), rule_id, rcode (int,
+                                    NULL = no reply sent), answers (JSON text), cached (0/1),
+                                    latency_ms, note
+* ``log_overflow(ts, dropped)``     one row per time the queue bound discarded records
+* ``connections``                   (issue #5) ts, source, destination, protocol, port, verdict, name
+* VIEW ``lookups``                  the contract columns, decoded: id, ts (REAL), time (ISO
+                                    8601 UTC text, ms), client, transport, qname, qtype
+                                    (mnemonic), verdict, mode, rule, rcode (mnemonic such as
+                                    ``NOERROR``/``NXDOMAIN``; NULL = dropped), answers, cached,
+                                    latency_ms, note
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import dns.rcode
+import dns.rdatatype
+from sqlite_utils import Database
+
+from .names import wire_to_text
+
+SCHEMA_VERSION = 1
+
+# How long one SQLite call may wait for a lock. Python's default is 5 s, which would
+# leave the writer deaf to close() and to its own backoff for that long.
+BUSY_TIMEOUT_S = 0.05
+# Idle poll period: the price of not signalling the writer per record is up to this
+# much delay before a quiet query reaches the disk.
+IDLE_POLL_S = 0.05
+BACKOFF_START_S = 0.1
+BACKOFF_MAX_S = 5.0
+PRUNE_CHUNK = 5000
+# Cap on each name/client/rule -> id cache. A client looking up millions of unique
+# names (tunnelling, scanners) must not grow the writer without bound; after a reset
+# misses are answered by the UNIQUE index.
+ID_CACHE_MAX = 500_000
+
+TRANSPORT_CODES = {"udp": 0, "tcp": 1}
+VERDICT_CODES = {"allow": 1, "deny": 0}
+MODE_CODES = {"enforce": 0, "audit": 1}
+
+
+def _case(column: str, mapping: dict[str, int]) -> str:
+    arms = " ".join(f"WHEN {code} THEN '{text}'" for text, code in mapping.items())
+    return f"CASE {column} {arms} END"
+
+
+def _rcode_case(column: str) -> str:
+    arms = " ".join(f"WHEN {int(rc)} THEN '{rc.name}'" for rc in dns.rcode.Rcode)
+    # NULL (no reply sent) falls through to ELSE, where 'RCODE' || NULL is NULL.
+    return f"CASE {column} {arms} ELSE 'RCODE' || {column} END"
+
+
+LOOKUPS_VIEW_SQL = f"""SELECT r.id AS id,
+  r.ts AS ts,
+  strftime('%Y-%m-%dT%H:%M:%fZ', r.ts, 'unixepoch') AS time,
+  c.addr AS client,
+  {_case('r.transport', TRANSPORT_CODES)} AS transport,
+  n.name AS qname,
+  CASE WHEN r.qtype IS NULL THEN NULL ELSE coalesce(t.mnemonic, 'TYPE' || r.qtype) END AS qtype,
+  {_case('r.verdict', VERDICT_CODES)} AS verdict,
+  {_case('r.mode', MODE_CODES)} AS mode,
+  u.rule AS rule,
+  {_rcode_case('r.rcode')} AS rcode,
+  r.answers AS answers,
+  r.cached AS cached,
+  r.latency_ms AS latency_ms,
+  r.note AS note
+FROM lookup_rows r
+LEFT JOIN clients c ON c.id = r.client_id
+LEFT JOIN names n ON n.id = r.name_id
+LEFT JOIN rrtypes t ON t.code = r.qtype
+LEFT JOIN rules u ON u.id = r.rule_id"""
+
+_INSERT_ROW = (
+    "INSERT INTO lookup_rows (ts, client_id, transport, name_id, qtype, verdict, mode, rule_id,"
+    " rcode, answers, cached, latency_ms, note) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+
+
+# ------------------------------------------------------------------------- schema
+def _migrate_to_1(db: Database) -> None:
+    db["names"].create({"id": int, "name": str}, pk="id", not_null={"name"}, if_not_exists=True)
+    db["names"].create_index(["name"], unique=True, if_not_exists=True)
+    db["clients"].create({"id": int, "addr": str}, pk="id", not_null={"addr"}, if_not_exists=True)
+    db["clients"].create_index(["addr"], unique=True, if_not_exists=True)
+    db["rules"].create({"id": int, "rule": str}, pk="id", not_null={"rule"}, if_not_exists=True)
+    db["rules"].create_index(["rule"], unique=True, if_not_exists=True)
+    db["rrtypes"].create({"code": int, "mnemonic": str}, pk="code", if_not_exists=True)
+    db["lookup_rows"].create(
+        {
+            "id": int, "ts": float, "client_id": int, "transport": int, "name_id": int,
+            "qtype": int, "verdict": int, "mode": int, "rule_id": int, "rcode": int,
+            "answers": str, "cached": int, "latency_ms": float, "note": str,
+        },
+        pk="id",
+        not_null={"ts"},
+        foreign_keys=[
+            ("client_id", "clients", "id"),
+            ("name_id", "names", "id"),
+            ("rule_id", "rules", "id"),
+        ],
+        if_not_exists=True,
+    )
+    # Integer-only indexes (cheap to maintain on insert), each led by what a report
+    # filters on and ending in ts so a window is a range scan inside it.
+    rows = db["lookup_rows"]
+    rows.create_index(["ts"], "ix_lookup_rows_ts", if_not_exists=True)
+    rows.create_index(["name_id", "ts"], "ix_lookup_rows_name_ts", if_not_exists=True)
+    rows.create_index(["client_id", "ts"], "ix_lookup_rows_client_ts", if_not_exists=True)
+    rows.create_index(["verdict", "ts"], "ix_lookup_rows_verdict_ts", if_not_exists=True)
+    db["log_overflow"].create({"ts": float, "dropped": int}, not_null={"ts", "dropped"},
+                              if_not_exists=True)
+    db["connections"].create(
+        {"id": int, "ts": float, "source": str, "destination": str, "protocol": str,
+         "port": int, "verdict": str, "name": str},
+        pk="id", not_null={"ts"}, if_not_exists=True,
+    )
+    db["connections"].create_index(["ts"], "ix_connections_ts", if_not_exists=True)
+    db.create_view("lookups", LOOKUPS_VIEW_SQL, replace=True)
+
+
+# Index i migrates a database from user_version i to i + 1. Later issues append here
+# (#4: policies table, #5: fill in connections) and bump SCHEMA_VERSION.
+MIGRATIONS: list[Callable[[Database], None]] = [_migrate_to_1]
+assert len(MIGRATIONS) == SCHEMA_VERSION
+
+
+def ensure_schema(conn: sqlite3.Connection) -> int:
+    """Create or migrate the log schema on ``conn``; returns the version now in force.
+
+    Each step runs in its own transaction together with the ``user_version`` bump, so a
+    crash mid-migration leaves the previous version intact.
+    """
+    db = Database(conn, execute_plugins=False)
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        # A newer dnsguard made this file; its extra tables are its business, ours still work.
+        return version
+    while version < SCHEMA_VERSION:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            MIGRATIONS[version](db)
+            version += 1
+            conn.execute(f"PRAGMA user_version = {version}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    # Refresh the type table when dnspython knows more types than it holds. Only then:
+    # a write here would make every reopen fail while someone else holds the lock.
+    known = [(int(t), t.name) for t in dns.rdatatype.RdataType]
+    if conn.execute("SELECT count(*) FROM rrtypes").fetchone()[0] != len(known):
+        conn.executemany("INSERT OR REPLACE INTO rrtypes (code, mnemonic) VALUES (?, ?)", known)
+        conn.commit()
+    return version
+
+
+def open_for_writing(path: str, busy_timeout: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
+    """Open (creating if needed) a log database in WAL mode with the current schema."""
+    conn = sqlite3.connect(path, timeout=busy_timeout, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        ensure_schema(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+# ------------------------------------------------------------------------- writer
+class QueryLog:
+    """Asynchronous, bounded, batched SQLite writer for lookup-log records.
+
+    ``submit`` is the only method meant for the event loop. Everything else may be
+    called from any thread. ``last_error`` keeps the text of the most recent write
+    error (it is not cleared on recovery; ``failing`` says whether writes fail now).
+    """
+
+    def __init__(self, path: str, *, queue_max: int = 200_000, retention_days: float | None = 30,
+                 batch_max: int = 5000, prune_interval: float = 60.0) -> None:
+        self.path = str(path)
+        self.queue_max = queue_max
+        self.retention_days = retention_days
+        self.batch_max = batch_max
+        self.prune_interval = prune_interval
+        self.overflow = 0
+        self.written = 0
+        self.pruned = 0
+        self.bad_records = 0
+        self.last_error: str | None = None
+        self.failing = False
+        self._q: deque[tuple] = deque()
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._closing = False
+        self._deadline = float("inf")
+        self._busy = False  # writer holds records that are not yet committed
+        self._conn: sqlite3.Connection | None = None
+        self._names: dict[Any, int] = {}
+        self._clients: dict[str, int] = {}
+        self._rules: dict[str, int] = {}
+        self._overflow_saved = 0
+        self._next_prune = 0.0
+
+    # -- hot path -------------------------------------------------------------
+    def submit(self, record: tuple) -> None:
+        """Queue one record (``resolver.model.LOG_FIELDS`` order). O(1); never blocks."""
+        if len(self._q) < self.queue_max:
+            self._q.append(record)
+        else:
+            self.overflow += 1
+
+    # -- lifecycle ------------------------------------------------------------
+    def start(self) -> None:
+        """Start the writer thread. Never raises for database trouble: that is retried."""
+        if self._thread is not None:
+            return
+        # Daemon so a crashed server still exits; the orderly path is close().
+        self._thread = threading.Thread(target=self._run, name="dnsguard-querylog", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Write everything queued, then stop the writer. Returns True if nothing was lost.
+
+        If the database stays unwritable, gives up after ``timeout`` seconds and says on
+        stderr how many records were not written.
+        """
+        if self._thread is None:
+            if not self._q:
+                return True
+            self.start()  # records were submitted before start(): still write them
+        assert self._thread is not None
+        self._deadline = time.monotonic() + timeout
+        self._closing = True
+        self._wake.set()
+        self._thread.join(timeout + 2.0)
+        return not self._thread.is_alive() and not self._q and not self._busy
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every record submitted so far is committed (or ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        # The writer sets _busy before it pops, so "queue empty and not busy" cannot be
+        # observed while records are in flight.
+        while self._q or self._busy:
+            if time.monotonic() >= deadline or (self._thread is None or not self._thread.is_alive()):
+                return False
+            time.sleep(0.005)
+        return True
+
+    @property
+    def queued(self) -> int:
+        return len(self._q)
+
+    # -- writer thread --------------------------------------------------------
+    def _say(self, message: str) -> None:
+        try:
+            print(f"dnsguard: lookup log {self.path}: {message}", file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass  # stderr closed: nothing better to do, and never kill the writer for it
+
+    def _fail(self, exc: BaseException, what: str) -> None:
+        text = f"{what}: {exc}"
+        self.last_error = text
+        if not self.failing:
+            self.failing = True
+            self._say(f"{text} -- keeping up to {self.queue_max} records queued "
+                      f"(beyond that they are counted and dropped) and retrying")
+        # Start the next attempt from a fresh connection: after disk-full or I/O errors a
+        # connection's state is not worth trusting, and reopening is cheap next to backoff.
+        if self._conn is not None:
+            try:
+                if self._conn.in_transaction:
+                    self._conn.rollback()
+            except sqlite3.Error:
+                pass
+            self._drop_connection()
+
+    def _recovered(self) -> None:
+        if self.failing:
+            self.failing = False
+            self._say(f"writing again ({len(self._q)} records still queued)")
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        # Ids cached for a connection may not match a file that was replaced meanwhile.
+        self._names.clear()
+        self._clients.clear()
+        self._rules.clear()
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+
+    def _wait(self, seconds: float) -> None:
+        if self._closing:
+            seconds = min(seconds, max(0.0, self._deadline - time.monotonic()))
+            time.sleep(seconds)  # _wake stays set once closing; Event.wait would not wait
+        else:
+            self._wake.wait(seconds)
+
+    def _run(self) -> None:
+        pending: list[tuple] = []
+        backoff = BACKOFF_START_S
+        while True:
+            if not pending:
+                self._busy = True
+                q = self._q
+                n = min(len(q), self.batch_max)
+                popleft = q.popleft
+                pending = [popleft() for _ in range(n)]
+                if not pending:
+                    self._busy = False
+            stuck = False
+            if self._conn is None:
+                try:
+                    self._conn = open_for_writing(self.path)
+                except (sqlite3.Error, OSError) as exc:
+                    self._fail(exc, "cannot open")
+                    stuck = True
+            if not stuck and self._conn is not None:
+                try:
+                    if pending:
+                        self._write(pending)
+                        pending = []
+                        self._recovered()  # before _busy drops, so flush() never sees a stale failing
+                        self._busy = False
+                    self._housekeeping()
+                    self._recovered()
+                    backoff = BACKOFF_START_S
+                except (sqlite3.Error, OSError) as exc:
+                    self._fail(exc, "cannot write")
+                    stuck = True
+            if stuck:
+                if self._closing and time.monotonic() >= self._deadline:
+                    lost = len(pending) + len(self._q)
+                    if lost:
+                        self._say(f"gave up at exit: {lost} records not written")
+                    break
+                self._wait(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+                continue
+            if not pending and not self._q:
+                if self._closing:
+                    break
+                self._wait(IDLE_POLL_S)
+                if not self._closing:
+                    self._wake.clear()
+        self._drop_connection()
+
+    def _housekeeping(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        dropped = self.overflow - self._overflow_saved
+        if dropped > 0:
+            with conn:
+                conn.execute("INSERT INTO log_overflow (ts, dropped) VALUES (?, ?)", (time.time(), dropped))
+            self._overflow_saved += dropped
+        if self.retention_days and time.monotonic() >= self._next_prune:
+            cutoff = time.time() - self.retention_days * 86400.0
+            # One small chunk per loop turn, interleaved with batches, so pruning a
+            # backlog never holds the write lock long enough to back the queue up.
+            with conn:
+                cur = conn.execute(
+                    "DELETE FROM lookup_rows WHERE id IN "
+                    "(SELECT id FROM lookup_rows WHERE ts < ? LIMIT ?)", (cutoff, PRUNE_CHUNK))
+                conn.execute("DELETE FROM log_overflow WHERE ts < ?", (cutoff,))
+                conn.execute("DELETE FROM connections WHERE ts < ?", (cutoff,))
+            self.pruned += cur.rowcount
+            if cur.rowcount < PRUNE_CHUNK:
+                self._next_prune = time.monotonic() + self.prune_interval
+
+    def _write(self, batch: list[tuple]) -> None:
+        conn = self._conn
+        assert conn is not None
+        new_names: dict[Any, int] = {}
+        new_clients: dict[str, int] = {}
+        new_rules: dict[str, int] = {}
+        conn.execute("BEGIN IMMEDIATE")
+        rows = self._convert(conn, batch, new_names, new_clients, new_rules)
+        conn.executemany(_INSERT_ROW, rows)
+        conn.commit()
+        # Ids minted inside the transaction are only real once it has committed.
+        for cache, new in ((self._names, new_names), (self._clients, new_clients),
+                           (self._rules, new_rules)):
+            if len(cache) + len(new) > ID_CACHE_MAX:
+                cache.clear()
+            cache.update(new)
+        self.written += len(batch)
+
+    def _convert(self, conn: sqlite3.Connection, batch: Sequence[tuple], new_names: dict,
+                 new_clients: dict, new_rules: dict) -> list[tuple]:
+        names, clients, rules = self._names, self._clients, self._rules
+        transports, verdicts, modes = TRANSPORT_CODES, VERDICT_CODES, MODE_CODES
+        out = []
+        for rec in batch:
+            try:
+                (ts, client, transport, qname, qtype, verdict, mode, rule, rcode,
+                 answers, cached, latency_ms, note) = rec
+                if qname is None:
+                    nid = None
+                else:
+                    nid = names.get(qname) or new_names.get(qname)
+                    if nid is None:
+                        nid = new_names[qname] = self._intern(conn, "names", "name", _name_text(qname))
+                cid = None
+                if client is not None:
+                    cid = clients.get(client) or new_clients.get(client)
+                    if cid is None:
+                        cid = new_clients[client] = self._intern(conn, "clients", "addr", str(client))
+                rid = None
+                if rule is not None:
+                    rid = rules.get(rule) or new_rules.get(rule)
+                    if rid is None:
+                        rid = new_rules[rule] = self._intern(conn, "rules", "rule", str(rule))
+                out.append((ts, cid, transports.get(transport), nid, qtype, verdicts.get(verdict),
+                            modes.get(mode), rid, rcode, answers, 1 if cached else 0, latency_ms,
+                            note))
+            except (TypeError, ValueError, IndexError) as exc:
+                # One malformed record must not wedge the queue behind it forever.
+                self.bad_records += 1
+                self.last_error = f"bad record skipped: {exc}"
+        return out
+
+    @staticmethod
+    def _intern(conn: sqlite3.Connection, table: str, column: str, value: str) -> int:
+        row = conn.execute(f"SELECT id FROM {table} WHERE {column} = ?", (value,)).fetchone()
+        if row is not None:
+            return row[0]
+        return conn.execute(f"INSERT INTO {table} ({column}) VALUES (?)", (value,)).lastrowid
+
+
+def _name_text(qname: bytes | str) -> str:
+    if isinstance(qname, bytes | bytearray):
+        return wire_to_text(bytes(qname).lower())
+    # Tolerate text from callers that already decoded the name.
+    text = str(qname).lower()
+    if text.endswith(".") and text != "." and not text.endswith("\\."):
+        text = text[:-1]
+    return text or "."

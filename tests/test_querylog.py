@@ -1,0 +1,261 @@
+"""The lookup-log writer against real SQLite files: counts, draining, overflow, lock and
+unwritable-path recovery, retention. Every wait is a condition with a deadline."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+from helpers import wait_until
+
+from resolver import querylog
+from resolver.model import LOG_FIELDS
+from resolver.names import text_to_wire
+from resolver.querylog import SCHEMA_VERSION, QueryLog
+
+# 300 submits must take less than one SQLite busy-timeout wait: proof they never touch the DB.
+BUSY_BOUND = querylog.BUSY_TIMEOUT_S
+CONTRACT_COLUMNS = ["id", "ts", "time", "client", "transport", "qname", "qtype", "verdict", "mode",
+                    "rule", "rcode", "answers", "cached", "latency_ms", "note"]
+
+
+def rec(i: int = 0, *, ts: float | None = None, name: str | None = "pypi.org", client: str = "127.0.0.1",
+        transport: str = "udp", qtype: int | None = 1, verdict: str | None = "allow",
+        mode: str = "enforce", rule: str | None = "pypi.org", rcode: int | None = 0,
+        answers: str | None = '["151.101.0.223"]', cached: bool = False, latency_ms: float = 1.5,
+        note: str | None = None) -> tuple:
+    record = (time.time() if ts is None else ts, client, transport,
+              None if name is None else text_to_wire(name), qtype, verdict, mode, rule, rcode,
+              answers, cached, latency_ms, note)
+    assert len(record) == len(LOG_FIELDS)
+    return record
+
+
+def count(path: Path, table: str = "lookups", where: str = "1") -> int:
+    with closing(sqlite3.connect(path)) as conn:
+        return conn.execute(f"SELECT count(*) FROM {table} WHERE {where}").fetchone()[0]
+
+
+def overflow_persisted(path: Path) -> int:
+    with closing(sqlite3.connect(path)) as conn:
+        return conn.execute("SELECT coalesce(sum(dropped), 0) FROM log_overflow").fetchone()[0]
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "log.db"
+
+
+def test_writes_exactly_n_rows_across_batches(db_path: Path) -> None:
+    log = QueryLog(str(db_path), batch_max=100)
+    log.start()
+    n = 1234
+    for i in range(n):
+        log.submit(rec(i, name=f"host{i % 37}.example.com"))
+    assert log.flush(10)
+    assert log.written == n
+    assert count(db_path) == n
+    # Normalised: 37 distinct names stored once each, one client.
+    assert count(db_path, "names") == 37
+    assert count(db_path, "clients") == 1
+    assert log.close()
+    assert log.last_error is None
+
+
+def test_close_drains_everything(db_path: Path) -> None:
+    log = QueryLog(str(db_path), batch_max=500)
+    log.start()
+    n = 20_000
+    for i in range(n):
+        log.submit(rec(i))
+    assert log.close(timeout=30)
+    assert log.written == n
+    assert count(db_path) == n
+
+
+def test_records_submitted_before_start_are_written_by_close(db_path: Path) -> None:
+    log = QueryLog(str(db_path))
+    for i in range(10):
+        log.submit(rec(i))
+    assert log.close()
+    assert count(db_path) == 10
+
+
+def test_view_decodes_contract_columns(db_path: Path) -> None:
+    log = QueryLog(str(db_path))
+    log.start()
+    t = 1_700_000_000.25
+    log.submit(rec(ts=t, name="Files.PythonHosted.ORG.", client="::1", transport="tcp", qtype=65,
+                   verdict="allow", mode="audit", rule="*.pythonhosted.org", rcode=0,
+                   answers='["151.101.1.63"]', cached=True, latency_ms=0.25))
+    log.submit(rec(ts=t + 1, name=None, qtype=None, verdict=None, rule=None, rcode=1, answers=None,
+                   note="formerr: label > 63"))
+    log.submit(rec(ts=t + 2, name="a\\.b.example", verdict="deny", rule=None, rcode=None, answers=None))
+    log.submit(rec(ts=t + 3, qtype=65280, rcode=3, answers=None))
+    assert log.close()
+    with closing(sqlite3.connect(db_path)) as conn:
+        conn.row_factory = sqlite3.Row
+        cols = [r[1] for r in conn.execute("PRAGMA table_info(lookups)")]
+        assert cols == CONTRACT_COLUMNS
+        rows = [dict(r) for r in conn.execute("SELECT * FROM lookups ORDER BY ts")]
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    first, malformed, dropped, unknown_type = rows
+    assert first == {
+        "id": first["id"], "ts": t, "time": "2023-11-14T22:13:20.250Z", "client": "::1",
+        "transport": "tcp", "qname": "files.pythonhosted.org", "qtype": "HTTPS", "verdict": "allow",
+        "mode": "audit", "rule": "*.pythonhosted.org", "rcode": "NOERROR",
+        "answers": '["151.101.1.63"]', "cached": 1, "latency_ms": 0.25, "note": None,
+    }
+    assert malformed["qname"] is None and malformed["qtype"] is None and malformed["verdict"] is None
+    assert malformed["rcode"] == "FORMERR" and malformed["note"] == "formerr: label > 63"
+    assert dropped["qname"] == "a\\.b.example"  # a dot inside a label stays escaped
+    assert dropped["rcode"] is None and dropped["verdict"] == "deny" and dropped["rule"] is None
+    assert unknown_type["qtype"] == "TYPE65280" and unknown_type["rcode"] == "NXDOMAIN"
+
+
+def test_bad_record_is_skipped_and_does_not_wedge_the_queue(db_path: Path) -> None:
+    log = QueryLog(str(db_path))
+    log.start()
+    log.submit(("not", "a", "record"))
+    log.submit(rec(1))
+    assert log.flush(10)
+    assert count(db_path) == 1
+    assert log.bad_records == 1
+    assert log.close()
+
+
+def test_reopen_appends_and_reuses_ids(db_path: Path) -> None:
+    for _ in range(2):
+        log = QueryLog(str(db_path))
+        log.start()
+        for i in range(50):
+            log.submit(rec(i, name=f"n{i % 5}.example.org", rule=None))
+        assert log.close()
+    assert count(db_path) == 100
+    assert count(db_path, "names") == 5
+    assert count(db_path, "rules") == 0
+
+
+def test_overflow_counted_while_locked_and_submit_never_blocks(db_path: Path, capsys) -> None:
+    log = QueryLog(str(db_path), queue_max=100, batch_max=50)
+    log.start()
+    log.submit(rec(0))
+    assert log.flush(10)  # database exists with its schema
+
+    locker = sqlite3.connect(db_path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        log.submit(rec(1))
+        # The writer has taken that record and is failing to commit it.
+        wait_until(lambda: log.failing, 10, what="writer to notice the lock")
+        assert log.queued == 0
+        t0 = time.perf_counter()
+        for i in range(300):
+            log.submit(rec(2 + i))
+        elapsed = time.perf_counter() - t0
+        # 300 submits against a locked database: far below even one busy-timeout wait.
+        assert elapsed < BUSY_BOUND, elapsed
+        assert log.queued == 100
+        assert log.overflow == 200
+        assert count(db_path) == 1  # nothing else landed while locked (readers still work: WAL)
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+
+    # Unlocked: the held record and every queued one land, and the overflow is persisted.
+    assert log.flush(20)
+    wait_until(lambda: overflow_persisted(db_path) == 200, 10, what="overflow row")
+    assert count(db_path) == 1 + 1 + 100
+    assert log.written == 102
+    assert not log.failing
+    assert log.close()
+    err = capsys.readouterr().err
+    failures = [line for line in err.splitlines() if "locked" in line]
+    assert len(failures) == 1, err  # one line per episode, not per retry
+    assert str(db_path) in failures[0]
+    assert "writing again" in err
+
+
+def test_unwritable_path_does_not_raise_and_recovers(tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "notadir"
+    blocker.write_text("a file where a directory should be\n")
+    path = blocker / "log.db"
+    log = QueryLog(str(path), queue_max=1000)
+    log.start()  # must not raise
+    for i in range(25):
+        log.submit(rec(i))
+    wait_until(lambda: log.failing, 10, what="writer to report the bad path")
+    assert log.last_error is not None
+    err = capsys.readouterr().err
+    assert err.count(str(path)) == 1, err
+    assert "cannot open" in err
+
+    # Fix the path: the writer retries with backoff and writes everything it kept.
+    blocker.unlink()
+    blocker.mkdir()
+    assert log.flush(30)
+    assert not log.failing
+    assert count(path) == 25
+    assert log.close()
+    assert "writing again" in capsys.readouterr().err
+
+
+def test_close_gives_up_on_a_path_that_stays_unwritable(tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    log = QueryLog(str(blocker / "log.db"))
+    log.start()
+    for i in range(7):
+        log.submit(rec(i))
+    t0 = time.monotonic()
+    assert log.close(timeout=0.5) is False
+    assert time.monotonic() - t0 < 5
+    err = capsys.readouterr().err
+    assert "7 records not written" in err
+
+
+def test_retention_prunes_old_rows_in_chunks(db_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(querylog, "PRUNE_CHUNK", 1000)
+    now = time.time()
+    log = QueryLog(str(db_path), retention_days=2, prune_interval=0.05)
+    log.start()
+    for i in range(5500):
+        log.submit(rec(i, ts=now - 3 * 86400 + i * 0.01))
+    for i in range(40):
+        log.submit(rec(i, ts=now - 86400 + i))
+    assert log.flush(30)
+    cutoff = now - 2 * 86400
+    wait_until(lambda: count(db_path, where=f"ts < {cutoff}") == 0, 30, what="old rows to be pruned")
+    assert count(db_path) == 40
+    assert log.pruned == 5500
+    assert log.close()
+
+
+def test_no_retention_keeps_everything(db_path: Path) -> None:
+    log = QueryLog(str(db_path), retention_days=0)
+    log.start()
+    log.submit(rec(ts=1.0))
+    assert log.close()
+    assert count(db_path) == 1
+
+
+def test_schema_has_integer_indexes_and_future_tables(db_path: Path) -> None:
+    log = QueryLog(str(db_path))
+    log.start()
+    log.submit(rec())
+    assert log.close()
+    with closing(sqlite3.connect(db_path)) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {"names", "clients", "rules", "rrtypes", "lookup_rows", "log_overflow",
+                "connections"} <= tables
+        conn_cols = [r[1] for r in conn.execute("PRAGMA table_info(connections)")]
+        assert conn_cols == ["id", "ts", "source", "destination", "protocol", "port", "verdict", "name"]
+        indexed = {r[2] for idx in conn.execute("PRAGMA index_list(lookup_rows)")
+                   for r in conn.execute(f"PRAGMA index_info({idx[1]})")}
+        types = {r[1]: r[2] for r in conn.execute("PRAGMA table_info(lookup_rows)")}
+    assert indexed == {"ts", "name_id", "client_id", "verdict"}
+    assert all(types[c] in ("INTEGER", "FLOAT", "REAL") for c in indexed)
