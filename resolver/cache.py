@@ -25,11 +25,11 @@ class Entry:
     """One cached answer. Immutable after construction except the aged-body memo."""
 
     __slots__ = ("rcode", "counts", "body", "offsets", "ttls", "stored", "expires", "answers_json",
-                 "addrs", "_ar", "_age", "_aged")
+                 "addrs", "note", "_ar", "_age", "_aged")
 
     def __init__(self, rcode: int, an: int, ns: int, ar: int, body: bytes, offsets: list[int],
                  ttls: list[int], ttl: int, now: float, answers_json: str | None,
-                 addrs: tuple[tuple[str, int], ...] = ()) -> None:
+                 addrs: tuple[tuple[str, int], ...] = (), note: str | None = None) -> None:
         self.rcode = rcode
         self.counts = bytes((an >> 8, an & 0xFF, ns >> 8, ns & 0xFF))
         self.body = body
@@ -39,6 +39,7 @@ class Entry:
         self.expires = now + ttl
         self.answers_json = answers_json
         self.addrs = addrs  # (ip, ttl) pairs for the firewall sets
+        self.note = note  # e.g. which rebinding addresses were stripped; logged with every use
         self._ar = ar
         self._age = 0
         self._aged = body

@@ -36,7 +36,7 @@ from .config import ClientPolicy, Config
 from .errors import UpstreamError
 from .model import Decision
 from .policy import Matcher
-from .upstream import Upstream, clean_reply
+from .upstream import Cleaner, Upstream
 
 Submit = Callable[[tuple], None]
 Handled = bytes | None | Coroutine[Any, Any, bytes | None]
@@ -108,6 +108,7 @@ class Resolver:
         """Switch to a new policy. Queries already in flight finish under the old one."""
         self.config = config
         self.upstream = Upstream(config.upstream.servers, config.upstream.timeout)
+        self.cleaner = Cleaner(config.cache.negative_max_ttl, config.allow_cidrs)
         self.cache.max_entries = config.cache.max_entries
         self._views: dict[str, ClientView] = {}
         self._deny_opts: dict[tuple[Decision, int, str | None], bytes] = {}
@@ -194,7 +195,7 @@ class Resolver:
                 resp = wire.truncated(resp, qend, udp_size, do)
             if self.submit is not None:
                 self._log(t0, ip, transport, qname, qtype, d.verdict, view.mode, d.rule, entry.rcode,
-                          entry.answers_json, True, None)
+                          entry.answers_json, True, entry.note)
             return resp
         return self._miss(data, ip, transport, t0, name_end, qend, qtype, udp_size, do, key, qname, view, d)
 
@@ -208,7 +209,7 @@ class Resolver:
             if self.feeder is not None and entry.addrs:
                 self._feed(entry, qname, now)
             resp = entry.response(data, qend, udp_size, do, now)
-            rcode, answers = entry.rcode, entry.answers_json
+            rcode, answers, note = entry.rcode, entry.answers_json, entry.note
         except UpstreamError as exc:
             note = f"upstream: {exc}"
             rcode, answers = wire.SERVFAIL, None
@@ -234,13 +235,14 @@ class Resolver:
         self._inflight[key] = fut
         try:
             raw = await self.upstream.query(question, name_len, do)
-            cleaned = clean_reply(raw, question, self.config.cache.negative_max_ttl)
+            cleaned = self.cleaner.clean(raw, question, name_len)
             cache_cfg = self.config.cache
             ttl = cleaned.cache_ttl
             if ttl:
                 ttl = max(cache_cfg.min_ttl, min(ttl, cache_cfg.max_ttl))
             entry = Entry(cleaned.rcode, cleaned.an, cleaned.ns, cleaned.ar, cleaned.body, cleaned.offsets,
-                          cleaned.ttls, ttl, time.monotonic(), cleaned.answers_json, cleaned.addrs)
+                          cleaned.ttls, ttl, time.monotonic(), cleaned.answers_json, cleaned.addrs,
+                          f"rebinding: stripped {', '.join(cleaned.stripped)}" if cleaned.stripped else None)
             if ttl > 0:
                 self.cache.put(key, entry)
             fut.set_result(entry)

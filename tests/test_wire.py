@@ -58,8 +58,7 @@ def queries(draw, names):
     edns = draw(st.sampled_from([None, 512, 1232, 4096, 65535]))
     do = draw(st.booleans()) if edns else False
     q = dns.message.make_query(name, draw(QTYPES), use_edns=edns is not None, payload=edns or 512,
-                               want_dnssec=do)
-    q.id = draw(st.integers(0, 65535))
+                               want_dnssec=do, id=draw(st.integers(0, 65535)))
     q.flags = dns.flags.RD if draw(st.booleans()) else 0
     if draw(st.booleans()):
         q.flags |= dns.flags.CD

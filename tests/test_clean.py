@@ -1,0 +1,138 @@
+"""Cleaning upstream replies: the bytes path and the dnspython path must agree.
+
+The bytes path keeps the upstream's own record bytes; the dnspython path
+re-renders. They may compress differently, so the comparison is on the
+records a client would decode, plus every derived field (TTLs, addresses for
+the firewall, the JSON logged, how long the answer may be cached).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import dns.message
+import dns.rcode
+import dns.rrset
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from resolver.upstream import Cleaner, read_name, svcb_hints
+
+QNAME = "www.allowed.test."
+QUESTION_A = dns.name.from_text(QNAME).to_wire() + struct.pack(">HH", 1, 1)
+
+
+def decode(question: bytes, body: bytes, an: int, ns: int) -> tuple[list, list]:
+    header = struct.pack(">HHHHHH", 0, 0x8180, 1, an, ns, 0)
+    m = dns.message.from_wire(header + question + body)
+    return sorted(m.answer, key=str), sorted(m.authority, key=str)
+
+
+PUBLIC_V4 = st.sampled_from(["192.0.2.1", "198.51.100.7", "203.0.113.9", "8.8.4.4"])
+PUBLIC_V6 = st.sampled_from(["2001:db8::1", "2606:4700::1111"])
+
+
+@st.composite
+def plans(draw):
+    """Draw the shape of a reply; `build` turns it into bytes outside the strategy."""
+    qtype = draw(st.sampled_from(["A", "AAAA"]))
+    hops = [draw(st.integers(0, 4000)) for _ in range(draw(st.integers(0, 3)))]
+    nx = draw(st.booleans())
+    soa = (draw(st.integers(0, 9000)), draw(st.integers(0, 9000))) if nx and draw(st.booleans()) else None
+    addrs = draw(st.lists(PUBLIC_V4 if qtype == "A" else PUBLIC_V6, min_size=1, max_size=4, unique=True))
+    ttl = draw(st.integers(0, 90000))
+    ns, glue = draw(st.booleans()), draw(st.booleans())
+    poison = draw(st.sampled_from([None, "answer", "private"]))
+    if poison == "private" and (qtype != "A" or nx):
+        poison = None
+    return qtype, hops, nx, soa, addrs, ttl, ns, glue, poison
+
+
+def build(plan) -> tuple[bytes, bytes, str | None]:
+    qtype, hops, nx, soa, addrs, ttl, ns, glue, poison = plan
+    question = dns.name.from_text(QNAME).to_wire() + struct.pack(">HH", 1 if qtype == "A" else 28, 1)
+    r = dns.message.make_response(dns.message.make_query(QNAME, qtype))
+    owner = QNAME
+    for hop, hop_ttl in enumerate(hops):
+        target = f"hop{hop}.cdn{hop}.example."
+        r.answer.append(dns.rrset.from_text(owner, hop_ttl, "IN", "CNAME", target))
+        owner = target
+    if nx:
+        r.set_rcode(dns.rcode.NXDOMAIN if not r.answer else dns.rcode.NOERROR)
+        if soa:
+            r.authority.append(dns.rrset.from_text("allowed.test.", soa[0], "IN", "SOA",
+                                                   f"ns.allowed.test. h.allowed.test. 1 2 3 4 {soa[1]}"))
+    else:
+        r.answer.append(dns.rrset.from_text(owner, ttl, "IN", qtype, *addrs))
+    if ns:
+        r.authority.append(dns.rrset.from_text("allowed.test.", 300, "IN", "NS", "ns1.allowed.test."))
+    if glue:
+        r.additional.append(dns.rrset.from_text("ns1.allowed.test.", 300, "IN", "A", "192.0.2.53"))
+    if poison == "answer":
+        r.answer.append(dns.rrset.from_text("bank.example.", 60, "IN", "A", "198.51.100.66"))
+    elif poison == "private":
+        r.answer[-1].add(dns.rdata.from_text("IN", "A", "10.0.0.1"))
+    return r.to_wire(), question, poison
+
+
+@settings(max_examples=400, deadline=None)
+@given(plans())
+def test_fast_and_full_cleaning_agree(plan):
+    raw, question, poison = build(plan)
+    cleaner = Cleaner()
+    fast = cleaner._fast(raw, question, len(question) - 4)
+    full = cleaner._full(raw, question)
+    if poison is not None:
+        assert fast is None, "poison must go through the re-rendering path"
+    if fast is None:
+        return
+    assert decode(question, fast.body, fast.an, fast.ns) == decode(question, full.body, full.an, full.ns)
+    for f in ("rcode", "an", "ns", "cache_ttl", "answers_json", "addrs"):
+        assert getattr(fast, f) == getattr(full, f), f
+    assert sorted(fast.ttls) == sorted(full.ttls)
+
+
+def test_poison_and_rebinding_are_removed():
+    q = dns.message.make_query(QNAME, "A")
+    r = dns.message.make_response(q)
+    r.answer.append(dns.rrset.from_text(QNAME, 60, "IN", "A", "192.0.2.1", "10.0.0.1", "169.254.169.254"))
+    r.answer.append(dns.rrset.from_text("bank.example.", 60, "IN", "A", "198.51.100.66"))
+    c = Cleaner().clean(r.to_wire(), QUESTION_A, len(QUESTION_A) - 4)
+    (answer,), _ = decode(QUESTION_A, c.body, c.an, c.ns)
+    assert sorted(rd.address for rd in answer) == ["192.0.2.1"]
+    assert sorted(c.stripped) == ["10.0.0.1", "169.254.169.254"]
+    assert c.addrs == (("192.0.2.1", 60),)
+
+
+def test_allowed_cidrs_exempt_private_answers():
+    import ipaddress
+
+    q = dns.message.make_query(QNAME, "A")
+    r = dns.message.make_response(q)
+    r.answer.append(dns.rrset.from_text(QNAME, 60, "IN", "A", "192.168.1.10"))
+    c = Cleaner(allowed_cidrs=(ipaddress.ip_network("192.168.1.0/24"),)).clean(
+        r.to_wire(), QUESTION_A, len(QUESTION_A) - 4)
+    assert c.addrs == (("192.168.1.10", 60),) and not c.stripped
+    blocked = Cleaner().clean(r.to_wire(), QUESTION_A, len(QUESTION_A) - 4)
+    assert blocked.an == 0 and blocked.stripped == ("192.168.1.10",)
+
+
+def test_svcb_hints_are_read_from_bytes():
+    q = dns.message.make_query(QNAME, "HTTPS")
+    r = dns.message.make_response(q)
+    rdata = '1 . alpn="h2" ipv4hint="192.0.2.1,192.0.2.2" ipv6hint="2001:db8::5"'
+    r.answer.append(dns.rrset.from_text(QNAME, 60, "IN", "HTTPS", rdata))
+    raw = r.to_wire()
+    rdata_start = raw.index(b"\x00\x01\x00", 12 + len(QUESTION_A) + 12)  # priority 1, target root
+    assert svcb_hints(raw, rdata_start, len(raw)) == ["192.0.2.1", "192.0.2.2", "2001:db8::5"]
+
+
+def test_read_name_refuses_loops_and_forward_pointers():
+    import pytest
+
+    data = b"\x00" * 12 + b"\x03abc\xc0\x0c"  # points at itself
+    with pytest.raises(ValueError):
+        read_name(data, 12)
+    with pytest.raises(ValueError):
+        read_name(b"\xc0\x02\x01a\x00", 0)  # forward pointer
+    assert read_name(b"\x01A\x00\x01b\xc0\x00", 3) == (b"\x01b\x01a\x00", 7)
