@@ -31,6 +31,27 @@ def _format_listen(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+UDP_RCVBUF = 8 * 1024 * 1024
+
+
+def _grow_receive_buffer(sock: socket.socket | None) -> None:
+    """Give bursts room: the default ~200 KiB holds only a few hundred small datagrams.
+
+    A query dropped in the kernel is a lost lookup (and an unlogged one). Root may exceed
+    net.core.rmem_max with SO_RCVBUFFORCE; otherwise the kernel caps SO_RCVBUF silently.
+    """
+    if sock is None:
+        return
+    for opt in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
+        if opt is None:
+            continue
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, UDP_RCVBUF)
+            return
+        except OSError:
+            continue
+
+
 class UdpProtocol(asyncio.DatagramProtocol):
     __slots__ = ("handle", "transport", "tasks", "sendto")
 
@@ -178,6 +199,7 @@ class DnsServer:
                         lambda: UdpProtocol(self.resolver, self.tasks), local_addr=(host, port),
                         family=socket.AF_INET6 if ":" in host else socket.AF_INET)
                     real_port = udp_t.get_extra_info("sockname")[1]
+                    _grow_receive_buffer(udp_t.get_extra_info("socket"))
                     tcp_s = await loop.create_server(lambda: TcpProtocol(self), host, real_port,
                                                      reuse_address=True, backlog=1024)
                 except OSError:
