@@ -68,6 +68,8 @@ PRUNE_CHUNK = 5000
 # misses are answered by the UNIQUE index.
 ID_CACHE_MAX = 500_000
 
+# Report aggregation key, in the order of ix_lookup_rows_rollup.
+ROLLUP_COLUMNS = ("name_id", "verdict", "mode", "client_id", "rule_id", "rcode")
 TRANSPORT_CODES = {"udp": 0, "tcp": 1}
 VERDICT_CODES = {"allow": 1, "deny": 0}
 MODE_CODES = {"enforce": 0, "audit": 1}
@@ -139,9 +141,13 @@ def _migrate_to_1(db: Database) -> None:
     # filters on and ending in ts so a window is a range scan inside it.
     rows = db["lookup_rows"]
     rows.create_index(["ts"], "ix_lookup_rows_ts", if_not_exists=True)
-    rows.create_index(["name_id", "ts"], "ix_lookup_rows_name_ts", if_not_exists=True)
     rows.create_index(["client_id", "ts"], "ix_lookup_rows_client_ts", if_not_exists=True)
     rows.create_index(["verdict", "ts"], "ix_lookup_rows_verdict_ts", if_not_exists=True)
+    # Led by name_id, so it serves name filters, and covering in GROUP BY order, so a report
+    # over a large share of the log aggregates by scanning it instead of through SQLite's
+    # sorter (~4x faster). A fifth index would cost the writer ~30%, so this one replaces
+    # a plain (name_id, ts).
+    rows.create_index(list(ROLLUP_COLUMNS) + ["ts"], "ix_lookup_rows_rollup", if_not_exists=True)
     db["log_overflow"].create({"ts": float, "dropped": int}, not_null={"ts", "dropped"},
                               if_not_exists=True)
     db["connections"].create(
@@ -196,6 +202,8 @@ def open_for_writing(path: str, busy_timeout: float = BUSY_TIMEOUT_S) -> sqlite3
     try:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
+        # 64 MB page cache: index pages of the recent past stay hot, so inserts rarely read.
+        conn.execute("PRAGMA cache_size=-65536")
         ensure_schema(conn)
     except BaseException:
         conn.close()

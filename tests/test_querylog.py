@@ -257,5 +257,5 @@ def test_schema_has_integer_indexes_and_future_tables(db_path: Path) -> None:
         indexed = {r[2] for idx in conn.execute("PRAGMA index_list(lookup_rows)")
                    for r in conn.execute(f"PRAGMA index_info({idx[1]})")}
         types = {r[1]: r[2] for r in conn.execute("PRAGMA table_info(lookup_rows)")}
-    assert indexed == {"ts", "name_id", "client_id", "verdict"}
+    assert indexed == {"ts", "name_id", "client_id", "verdict", "mode", "rule_id", "rcode"}
     assert all(types[c] in ("INTEGER", "FLOAT", "REAL") for c in indexed)

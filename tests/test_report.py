@@ -283,13 +283,20 @@ def test_tail_last_n_and_after_id(db) -> None:
     total = sum(n for _, n in FIXTURE)
     everything = rpt.tail(db, n=10_000)
     assert len(everything) == total
-    assert rpt.tail(db, n=100, after_id=everything[-5]["id"]) == everything[-4:]
+    assert [r["ts"] for r in everything] == sorted(r["ts"] for r in everything)  # oldest first
+    assert [r["ts"] for r in rows] == [r["ts"] for r in everything[-3:]]  # the newest by time
+    # after_id (what -f polls with) follows insertion order.
+    ids = sorted(r["id"] for r in everything)
+    assert [r["id"] for r in rpt.tail(db, n=100, after_id=ids[-5])] == ids[-4:]
+    assert [r["id"] for r in rpt.tail(db, n=2, after_id=ids[-5])] == ids[-4:-2]
     denied = rpt.tail(db, n=10_000, filters=rpt.Filters(verdict="deny", client=C))
     assert {(r["qname"], r["verdict"], r["client"]) for r in denied} == {
         ("evil\\.example.com", "deny", C), ("tracker.net", "deny", C)}
-    first = everything[0]
+    assert everything[0]["qname"] == "tracker.net"  # ten days old
+    first = next(r for r in everything if r["answers"])
     assert first["qname"] == "pypi.org" and first["answers"] == ["151.101.0.223"]
     assert first["rcode"] == "NOERROR" and first["cached"] is False
+    assert [r["qname"] for r in rpt.tail(db, n=2, filters=rpt.Filters(name="pypi.org"))] == ["pypi.org"] * 2
     malformed = [r for r in everything if r["qname"] is None]
     assert len(malformed) == 1 and malformed[0]["note"] == "formerr: truncated"
 
@@ -467,3 +474,23 @@ def test_gen_lookups_script_makes_a_readable_log(tmp_path: Path) -> None:
     last_day = rpt.summary(db, since=NOW - D, until=NOW + 1, now=NOW)["totals"]["lookups"]
     assert 9_000 < last_day < 11_000  # evenly spread over two days
     db.close()
+
+
+@pytest.mark.parametrize("filters", [{}, {"client": A}, {"verdict": "deny"}, {"name": "*.example.com"}])
+@pytest.mark.parametrize("since_ago", [H, D, 30 * D])
+def test_index_choice_does_not_change_results(db, monkeypatch, filters: dict, since_ago: float) -> None:
+    """The window is aggregated via the rollup index or a ts/client range scan depending on its
+    share of the log; both plans must give identical reports."""
+    results = []
+    for share in (-1.0, 2.0):  # always rollup, never rollup
+        monkeypatch.setattr(rpt, "_ROLLUP_SHARE", share)
+        s = summary(db, since_ago, **filters)
+        n = rpt.names(db, since=NOW - since_ago, until=NOW + 1, filters=rpt.Filters(**filters), now=NOW)
+        results.append((s, n))
+    assert results[0] == results[1]
+    assert results[0][0]["totals"]["lookups"] == _expected(
+        since_ago, {
+            "client": lambda r: r[1] == A, "verdict": lambda r: r[5] == "deny",
+            "name": lambda r: r[3] in {text_to_wire(x) for x in ("a.b.example.com", "x.example.com",
+                                                                  "gone.example.com")},
+        }.get(next(iter(filters), ""), lambda r: True))
