@@ -457,8 +457,14 @@ def _window_index(db: Database, since: float | None, until: float | None, filter
         return _IX_ROLLUP  # led by name_id: the name filter is a range of it
     share = 1.0
     if since is not None or until is not None:
-        span = _rows(db, "SELECT coalesce(max(id) - min(id) + 1, 0) AS n FROM lookup_rows")[0]["n"]
-        inside = _rows(db, "SELECT count(*) AS n FROM lookup_rows WHERE ts >= ? AND ts < ?",
+        # Two subqueries: SQLite answers a lone max()/min() from the rowid b-tree's end, but
+        # scans the table for max(id) - min(id) written as one aggregate.
+        span = _rows(db, "SELECT coalesce((SELECT max(id) FROM lookup_rows) - "
+                         "(SELECT min(id) FROM lookup_rows) + 1, 0) AS n")[0]["n"]
+        # Counted on the ts index (a range of it); left alone, SQLite would scan the whole
+        # rollup index, which also covers ts.
+        hint = f"INDEXED BY {_IX_TS}" if _IX_TS in _indexes(db) else ""
+        inside = _rows(db, f"SELECT count(*) AS n FROM lookup_rows {hint} WHERE ts >= ? AND ts < ?",
                        (since if since is not None else float("-inf"),
                         until if until is not None else float("inf")))[0]["n"]
         share = inside / span if span else 0.0
