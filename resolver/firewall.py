@@ -728,8 +728,9 @@ def status(runner: Runner | None = None, listen: Sequence[HostPort] = (), spec: 
         for f in fams.values():
             if not f.jumps:
                 problems.append(f"IPv{f.family} has no dnsguard rules (the other family has)")
-            elif f.family == 4 and "filter/" not in " ".join(f.jumps):
-                problems.append("IPv4 jump rule missing from the filter table")
+            elif not any(j.startswith("filter/") for j in f.jumps):
+                problems.append(f"IPv{f.family}: no jump into DNSGUARD in the filter table; nothing is "
+                                "fenced")
         comments = {f.comment for f in installed}
         if len(comments) > 1:
             problems.append(f"IPv4 and IPv6 rules come from different applies: {sorted(map(str, comments))}")

@@ -33,7 +33,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from .errors import DnsguardError
 
@@ -43,10 +42,9 @@ __all__ = [
     "IpsetError",
     "SetFeeder",
     "SetInfo",
-    "ServeFeeder",
     "addresses_in_answer",
-    "make_feeder",
     "open_socket",
+    "timeout_bounds",
 ]
 
 DEFAULT_SET4 = "dnsguard4"
@@ -306,6 +304,18 @@ class SetInfo:
 
 # ------------------------------------------------------------ the feeder
 
+def timeout_bounds(min_ttl: int, max_ttl: int) -> tuple[int, int]:
+    """[max(min_ttl, 1), min(max_ttl, 2147483)]: the range set timeouts are clamped to.
+
+    0 would make an entry permanent and the kernel rejects more than 2147483.
+    """
+    lo = min(max(int(min_ttl), 1), IPSET_MAX_TIMEOUT)
+    hi = min(int(max_ttl), IPSET_MAX_TIMEOUT)
+    if hi < lo:
+        raise ValueError(f"firewall max_ttl ({max_ttl}) is below min_ttl ({min_ttl})")
+    return lo, hi
+
+
 class SetFeeder:
     """Adds (ip, ttl) pairs to the dnsguard sets over one netlink socket.
 
@@ -319,12 +329,7 @@ class SetFeeder:
 
     def __init__(self, min_ttl: int = 30, max_ttl: int = 86400, set4: str = DEFAULT_SET4,
                  set6: str = DEFAULT_SET6, *, netns: str | None = None) -> None:
-        lo = min(max(int(min_ttl), 1), IPSET_MAX_TIMEOUT)
-        hi = min(int(max_ttl), IPSET_MAX_TIMEOUT)
-        if hi < lo:
-            raise ValueError(f"firewall max_ttl ({max_ttl}) is below min_ttl ({min_ttl})")
-        self.min_timeout = lo
-        self.max_timeout = hi
+        self.min_timeout, self.max_timeout = timeout_bounds(min_ttl, max_ttl)
         self.set4 = set4
         self.set6 = set6
         self.netns = netns
@@ -676,86 +681,3 @@ def addresses_in_answer(wire: bytes) -> list[tuple[str, int]]:
                         if param is not None:
                             out.extend((a, t) for a in param.addresses)
     return out
-
-
-# ------------------------------------------------------------ what `serve --firewall` holds
-
-class ServeFeeder:
-    """The query path's view of the fence: `feed(entry, qname, now)` and `close()`.
-
-    Wraps a `SetFeeder` (the sets) and, when given, an `NflogRecorder`
-    (blocked attempts -> ``connections``). `entry` is a cache entry with
-    `addrs` ((ip, ttl) as stored) and `stored` (monotonic time it was
-    stored); the TTL left is what goes to the kernel. Never raises; new
-    failures are reported on stderr at most every 10 s.
-    """
-
-    REPORT_EVERY = 10.0
-
-    def __init__(self, feeder: SetFeeder, recorder: object | None = None) -> None:
-        self.feeder = feeder
-        self.recorder = recorder
-        self._reported_errors = 0
-        self._reported_at = 0.0
-
-    def feed(self, entry: object, qname: bytes | str | None = None, now: float | None = None) -> None:
-        addrs = getattr(entry, "addrs", entry)
-        stored = getattr(entry, "stored", None)
-        if now is not None and stored is not None:
-            age = int(now - stored)
-            if age > 0:
-                addrs = [(ip, ttl - age) for ip, ttl in addrs]
-        f = self.feeder
-        f.feed(addrs, qname)
-        if f.errors != self._reported_errors:
-            t = time.monotonic()
-            if t - self._reported_at >= self.REPORT_EVERY:
-                import sys
-
-                print(f"dnsguard: firewall: {f.errors - self._reported_errors} set update(s) failed; "
-                      f"last: {f.last_error}", file=sys.stderr, flush=True)
-                self._reported_errors = f.errors
-                self._reported_at = t
-
-    def close(self) -> None:
-        if self.recorder is not None:
-            self.recorder.stop()  # type: ignore[attr-defined]
-        self.feeder.close()
-
-
-def make_feeder(config: Any, querylog: object = None, *, nflog_group: int | None = None,
-                netns: str | None = None) -> ServeFeeder:
-    """Build the fence side of `dnsguard serve --firewall` from a Config.
-
-    Creates the sets if missing (so `serve` and `firewall apply` start in
-    either order) and, when the lookup log is enabled, records blocked
-    connection attempts from the NFLOG group into its database. Raises
-    DnsguardError if the sets cannot be created (not root / no ipset support).
-    """
-    import sys
-
-    from .nflog import DEFAULT_GROUP, NflogError, NflogRecorder
-
-    fw = config.firewall
-    try:
-        feeder = SetFeeder(fw.min_ttl, fw.max_ttl, netns=netns)
-    except OSError as exc:
-        raise IpsetError(f"--firewall: cannot open the kernel's ipset interface ({exc}); "
-                         "it needs root (CAP_NET_ADMIN)") from None
-    try:
-        feeder.ensure_sets()
-    except (IpsetError, OSError) as exc:
-        feeder.close()
-        raise IpsetError(f"--firewall: {exc}") from None
-    recorder = None
-    log = getattr(config, "log", None)
-    if log is not None and log.enabled:
-        recorder = NflogRecorder(log.database, nflog_group if nflog_group is not None else DEFAULT_GROUP,
-                                 name_of=feeder.names.get, netns=netns)
-        try:
-            recorder.start()
-        except (NflogError, OSError) as exc:
-            print(f"dnsguard: firewall: blocked connections will not be recorded: {exc}",
-                  file=sys.stderr, flush=True)
-            recorder = None
-    return ServeFeeder(feeder, recorder)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import dns.message
 import dns.query
+import dns.rcode
 import pytest
 from netns import (
     AGENT4,
@@ -475,3 +476,72 @@ def test_cli_apply_status_show_remove(topo, servers, router, tmp_path) -> None:
     assert normalised_save(router, 4) == before
     bad = _cli(topo, "apply", "--user", "nobody", "--source", AGENT_NET4, check=False)
     assert bad.returncode == 2 and "not both" in bad.stderr
+
+
+# ------------------------------------------------------------------ end to end: dnsguard serve --firewall
+
+def test_serve_firewall_end_to_end(topo, servers, dnsmasq, router, tmp_path) -> None:
+    """The real server in the router feeds the sets; the agent reaches exactly what it resolved."""
+    import threading
+
+    db = tmp_path / "log.db"
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'mode = "enforce"\n[server]\nlisten = ["{ROUTER_IN4}:53"]\n'
+                      f'clients = ["{AGENT_NET4}", "127.0.0.0/8"]\n[upstream]\nservers = ["{dnsmasq}:53"]\n'
+                      f'[allow]\ndomains = ["allowed.test"]\n[log]\ndatabase = "{db}"\n'
+                      '[firewall]\nenabled = true\nmin_ttl = 2\nmax_ttl = 30\n')
+    proc = topo.spawn(topo.router, sys.executable, "-m", "resolver", "serve", "--policy", str(policy),
+                      "--firewall", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                      env={**os.environ, "PYTHONPATH": str(REPO)})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
+    try:
+        def ready() -> bool:
+            if proc.poll() is not None:
+                reader.join(2)
+                raise AssertionError(f"serve exited {proc.returncode}: {''.join(lines)}")
+            return any(f"listening on {ROUTER_IN4}:53" in ln for ln in lines)
+
+        wait_until(ready, 15, "dnsguard serve to listen")
+        from resolver.config import load_config
+
+        spec = fw.spec_from_config(load_config(policy), sources=[AGENT_NET4, AGENT_NET6])
+        fw.apply(spec, router)
+        assert topo.tcp_connect(topo.agent, S0, 443) == "refused"
+
+        def ask(name: str) -> dns.message.Message:
+            q = dns.message.make_query(name, "A")
+            with topo.socket(topo.agent, socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(3)
+                s.sendto(q.to_wire(), (ROUTER_IN4, 53))
+                return dns.message.from_wire(s.recv(4096))
+
+        answer = ask("allowed.test")
+        assert [rd.address for rr in answer.answer for rd in rr] == [S0]
+        assert topo.tcp_connect(topo.agent, S0, 443) == "ok"  # fed before the answer was sent
+        assert ask("other.test").rcode() == dns.rcode.NXDOMAIN
+        assert topo.tcp_connect(topo.agent, S1, 443) == "refused"
+        assert topo.tcp_connect(topo.agent, S0, 8080) == "refused"
+
+        def row(dst: str, port: int) -> tuple | None:
+            if not db.exists():
+                return None
+            with sqlite3.connect(db) as conn:
+                return conn.execute("SELECT source, protocol, verdict, name FROM connections "
+                                    "WHERE destination = ? AND port = ?", (dst, port)).fetchone()
+
+        assert wait_until(lambda: row(S1, 443), 5, "blocked row for other.test") == (
+            AGENT4, "tcp", "blocked", None)
+        assert wait_until(lambda: row(S0, 8080), 5, "blocked row for allowed.test:8080") == (
+            AGENT4, "tcp", "blocked", "allowed.test")
+        st = fw.status(router, [(ROUTER_IN4, 53)], spec)
+        assert st.ok, st.describe()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
+        reader.join(5)
+    # fail closed: the resolver is gone, status says so; entries only expire from here on
+    st = fw.status(router, [(ROUTER_IN4, 53)])
+    assert not st.ok and any("fail closed" in p for p in st.problems)
