@@ -25,7 +25,7 @@ class Entry:
     """One cached answer. Immutable after construction except the aged-body memo."""
 
     __slots__ = ("rcode", "counts", "body", "offsets", "ttls", "stored", "expires", "answers_json",
-                 "addrs", "note", "_ar", "_age", "_aged")
+                 "addrs", "note", "fed_at", "_ar", "_age", "_aged")
 
     def __init__(self, rcode: int, an: int, ns: int, ar: int, body: bytes, offsets: list[int],
                  ttls: list[int], ttl: int, now: float, answers_json: str | None,
@@ -40,6 +40,7 @@ class Entry:
         self.answers_json = answers_json
         self.addrs = addrs  # (ip, ttl) pairs for the firewall sets
         self.note = note  # e.g. which rebinding addresses were stripped; logged with every use
+        self.fed_at = -1e18  # when the firewall sets were last refreshed from this entry
         self._ar = ar
         self._age = 0
         self._aged = body

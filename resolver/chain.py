@@ -44,6 +44,10 @@ Handled = bytes | None | Coroutine[Any, Any, bytes | None]
 _META_TYPES = frozenset((251, 252, 253, 254))  # IXFR, AXFR, MAILB, MAILA: not for a stub resolver
 _MAX_VIEWS = 65_536
 _MAX_DECISIONS = 262_144
+# Upstream exchanges in flight at once. Past this, new misses get SERVFAIL at once instead of
+# piling up sockets and tasks behind a slow or dead upstream (a flood of unique names would
+# otherwise exhaust file descriptors and memory).
+MAX_INFLIGHT = 4096
 
 
 class ClientView:
@@ -231,6 +235,8 @@ class Resolver:
         fut = self._inflight.get(key)
         if fut is not None:
             return await asyncio.shield(fut)
+        if len(self._inflight) >= MAX_INFLIGHT:
+            raise UpstreamError(f"overloaded: {MAX_INFLIGHT} upstream queries already in flight")
         fut = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:

@@ -124,5 +124,16 @@ def check(name: str | None, policy_path: str | None, client: str) -> None:
     sys.exit(1)
 
 
+def _register() -> None:
+    # Command groups live beside the library code they wrap; the CLI only collects them.
+    from .cli_firewall import firewall
+    from .cli_report import report
+
+    main.add_command(report)
+    main.add_command(firewall)
+
+
+_register()
+
 if __name__ == "__main__":  # pragma: no cover
     main()
