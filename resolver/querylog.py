@@ -306,9 +306,10 @@ class QueryLog:
         text = f"{what}: {exc}"
         self.last_error = text
         if not self.failing:
-            self.failing = True
+            # Say it before raising the flag: whoever waits on `failing` finds the line written.
             self._say(f"{text} -- keeping up to {self.queue_max} records queued "
                       f"(beyond that they are counted and dropped) and retrying")
+            self.failing = True
         # Start the next attempt from a fresh connection: after disk-full or I/O errors a
         # connection's state is not worth trusting, and reopening is cheap next to backoff.
         if self._conn is not None:
