@@ -360,7 +360,7 @@ class QueryLog:
             if self._conn is None:
                 try:
                     self._conn = open_for_writing(self.path)
-                except (sqlite3.Error, OSError) as exc:
+                except Exception as exc:  # sqlite3/OS errors, or sqlite-utils' own: retried alike
                     self._fail(exc, "cannot open")
                     stuck = True
             if not stuck and self._conn is not None:
@@ -375,6 +375,9 @@ class QueryLog:
                     backoff = BACKOFF_START_S
                 except (sqlite3.Error, OSError) as exc:
                     self._fail(exc, "cannot write")
+                    stuck = True
+                except Exception as exc:  # a bug must not kill the thread and silently stop logging
+                    self._fail(exc, f"unexpected {type(exc).__name__}")
                     stuck = True
             if stuck:
                 if self._closing and time.monotonic() >= self._deadline:
@@ -461,7 +464,7 @@ class QueryLog:
                 out.append((ts, cid, transports.get(transport), nid, qtype, verdicts.get(verdict),
                             modes.get(mode), rid, rcode, answers, 1 if cached else 0, latency_ms,
                             note))
-            except (TypeError, ValueError, IndexError) as exc:
+            except (TypeError, ValueError, IndexError, KeyError, AttributeError) as exc:
                 # One malformed record must not wedge the queue behind it forever.
                 self.bad_records += 1
                 self.last_error = f"bad record skipped: {exc}"
