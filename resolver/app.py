@@ -18,6 +18,7 @@ from typing import Any
 from .chain import Resolver
 from .config import Config, load_config
 from .errors import DnsguardError
+from .history import record_policy
 from .server import DnsServer
 
 try:  # uvloop's UDP path costs a fraction of the stock selector loop's per datagram
@@ -87,8 +88,10 @@ class App:
             return False
         self.config = new
         self.resolver.use(new)
-        if self.querylog is not None and hasattr(self.querylog, "record_policy"):
-            self.querylog.record_policy(new.text, new.sha256, new.path)
+        if self.querylog is not None:
+            # Off the loop: a busy database must not stall answers.
+            asyncio.get_running_loop().run_in_executor(
+                None, record_policy, new.log.database, new.text, new.sha256, new.path)
         print(f"dnsguard: policy reloaded ({reason}): {new.matcher.rule_count} rules, mode {new.mode}",
               file=sys.stderr, flush=True)
         return True
@@ -109,8 +112,8 @@ class App:
             self.querylog = QueryLog(cfg.log.database, queue_max=cfg.log.queue_max,
                                      retention_days=cfg.log.retention_days)
             self.querylog.start()
-            if hasattr(self.querylog, "record_policy"):
-                self.querylog.record_policy(cfg.text, cfg.sha256, cfg.path)
+            # Every policy served is kept, so `dnsguard policy rollback` can restore it byte for byte.
+            record_policy(cfg.log.database, cfg.text, cfg.sha256, cfg.path)
         if cfg.firewall.enabled:
             from .fence import make_feeder
 

@@ -127,9 +127,12 @@ def check(name: str | None, policy_path: str | None, client: str) -> None:
 def _register() -> None:
     # Command groups live beside the library code they wrap; the CLI only collects them.
     from .cli_firewall import firewall
+    from .cli_learn import learn, policy
     from .cli_report import report
 
     main.add_command(report)
+    main.add_command(learn)
+    main.add_command(policy)
     main.add_command(firewall)
 
 

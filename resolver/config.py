@@ -384,7 +384,9 @@ def load_config(path: str | Path) -> Config:
     """Read and validate a policy file."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        # newline="": keep the bytes exactly (CRLF too), so policy history can restore them.
+        with open(p, encoding="utf-8", newline="") as fh:
+            text = fh.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise PolicyError(f"cannot read policy: {exc}", path=str(p)) from None
     return parse_config(text, str(p))

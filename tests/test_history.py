@@ -70,6 +70,7 @@ def test_record_shares_the_database_with_the_lookup_log(db: Path) -> None:
     log = QueryLog(str(db), retention_days=None)
     log.start()
     stop = threading.Event()
+    submitted = []
 
     def produce() -> None:
         i = 0
@@ -79,6 +80,7 @@ def test_record_shares_the_database_with_the_lookup_log(db: Path) -> None:
             i += 1
             if i % 500 == 0:
                 time.sleep(0.001)
+        submitted.append(i)
 
     t = threading.Thread(target=produce)
     t.start()
@@ -89,7 +91,9 @@ def test_record_shares_the_database_with_the_lookup_log(db: Path) -> None:
         t.join(10)
     assert log.flush(10) and log.close()
     assert ids == list(range(1, 21))
-    assert log.last_error is None
+    # The writer may have met the history's write lock and retried (its busy timeout is
+    # short on purpose); what matters is that every lookup landed.
+    assert log.overflow == 0 and log.written == submitted[0]
     conn = open_for_writing(str(db))  # the log's own schema code still accepts the file
     conn.close()
 
