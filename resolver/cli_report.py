@@ -214,6 +214,9 @@ def _summary_csv(data: dict) -> str:
         key = f"{r['destination']} {r['protocol']}/{r['port']}" + (f" {r['name']}" if r["name"] else "")
         rows.append(["blocked_connections", key, r["count"], "", "", "", "", " ".join(r["sources"]),
                      r["first_seen"], r["last_seen"]])
+    for r in data["suspicious"]:
+        rows.append(["suspicious", r["domain"], r["lookups"], "", "", "", r["kind"], " ".join(r["names"]),
+                     r["first_seen"], r["last_seen"]])
     return _csv_text(_SUMMARY_CSV, rows)
 
 
@@ -253,6 +256,13 @@ def _summary_table(data: dict, colour: bool) -> list[str]:
                  _clients_cell(r["sources"], len(r["sources"]))] for r in data["blocked_connections"]]
         lines += _table(["COUNT", "DESTINATION", "PORT", "NAME", "FIRST SEEN", "LAST SEEN", "SOURCES"], rows,
                         right={0}, colour=colour)
+    if data["suspicious"]:
+        lines += ["", _style("Suspicious names (exfiltration-shaped; `dnsguard learn` will not allow them)",
+                             colour, bold=True)]
+        rows = [[_num(r["name_count"]), _num(r["lookups"]), r["domain"], r["kind"], r["reason"],
+                 _human(r["first_seen"]), _human(r["last_seen"])] for r in data["suspicious"]]
+        lines += _table(["NAMES", "LOOKUPS", "UNDER", "KIND", "WHY", "FIRST SEEN", "LAST SEEN"], rows,
+                        right={0, 1}, colour=colour)
     lines.append("")
     lines.append("times are UTC; `dnsguard report names` lists every name, `dnsguard report tail` "
                  "the latest lookups")

@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 import dns.rcode
 from sqlite_utils import Database
 
+from . import suspicious
 from .errors import DnsguardError
 from .names import normalise
 from .querylog import MODE_CODES, VERDICT_CODES
@@ -115,13 +116,31 @@ _CONNECTION = {
     },
 }
 
+_FINDING_NAMES = 5
+_FINDING = {
+    "type": "object",
+    "required": ["domain", "kind", "reason", "names", "name_count", "lookups", "first_seen", "last_seen"],
+    "additionalProperties": False,
+    "properties": {
+        "domain": {"type": "string"},
+        "kind": {"type": "string", "description": "long-label, hex, base32, base64, entropy, charset, "
+                                                  "similar, burst or volume"},
+        "reason": {"type": "string"},
+        "names": {**_STRINGS, "description": f"up to {_FINDING_NAMES} of the names implicated"},
+        "name_count": _COUNT,
+        "lookups": _COUNT,
+        "first_seen": _TIME,
+        "last_seen": _TIME,
+    },
+}
+
 SUMMARY_SCHEMA: dict = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": SUMMARY_SCHEMA_ID,
     "title": "dnsguard report (summary)",
     "type": "object",
     "required": ["schema", "database", "generated", "window", "filters", "overflow", "totals",
-                 "top_denied", "top_allowed", "upstream_failures", "blocked_connections"],
+                 "top_denied", "top_allowed", "upstream_failures", "blocked_connections", "suspicious"],
     "additionalProperties": False,
     "properties": {
         "schema": {"const": SUMMARY_SCHEMA_ID},
@@ -166,6 +185,10 @@ SUMMARY_SCHEMA: dict = {
             "description": "allowed lookups answered SERVFAIL or NXDOMAIN, by name and rcode",
         },
         "blocked_connections": {"type": "array", "items": _CONNECTION},
+        "suspicious": {
+            "type": "array", "items": _FINDING,
+            "description": "exfiltration-shaped names (the same findings `dnsguard learn` leaves out)",
+        },
     },
 }
 
@@ -682,9 +705,22 @@ def summary(db: Database, *, since: float | None, until: float | None,
             for r in fails
         ],
         "blocked_connections": _blocked_connections(db, since, until, filters, top),
+        "suspicious": _suspicious(db, top),
     })
     db.execute("DROP TABLE IF EXISTS temp.dg_window")
     return out
+
+
+def _suspicious(db: Database, top: int) -> list[dict]:
+    """Exfiltration-shaped names in the window, by the same detector `learn` uses."""
+    rows = _rows(db, "SELECT n.name AS name, min(w.first) AS first, max(w.last) AS last, sum(w.n) AS n "
+                     "FROM dg_window w JOIN names n ON n.id = w.name_id GROUP BY w.name_id")
+    findings = suspicious.detect([suspicious.Observation(r["name"], r["first"], r["last"], r["n"])
+                                  for r in rows])
+    findings.sort(key=lambda f: (-len(f.names), -f.lookups, f.domain))
+    return [{"domain": f.domain, "kind": f.kind, "reason": f.reason, "names": list(f.names[:_FINDING_NAMES]),
+             "name_count": len(f.names), "lookups": f.lookups, "first_seen": iso(f.first_seen),
+             "last_seen": iso(f.last_seen)} for f in findings[:top]]
 
 
 NAME_SORTS = {

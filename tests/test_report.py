@@ -494,3 +494,28 @@ def test_index_choice_does_not_change_results(db, monkeypatch, filters: dict, si
             "name": lambda r: r[3] in {text_to_wire(x) for x in ("a.b.example.com", "x.example.com",
                                                                   "gone.example.com")},
         }.get(next(iter(filters), ""), lambda r: True))
+
+
+def test_summary_shows_exfiltration_shaped_names(tmp_path: Path) -> None:
+    """The report flags what `learn` would refuse: base32 chunks under one domain."""
+    import base64
+
+    path = tmp_path / "exfil.db"
+    log = QueryLog(str(path), retention_days=None)
+    log.start()
+    secret = bytes(range(256)) * 2
+    for i in range(0, 400, 20):
+        chunk = base64.b32encode(secret[i:i + 20]).decode().rstrip("=").lower()
+        log.submit(R(60 - i / 10, f"{chunk}.{i}.drop.attacker.example", A, "deny", rcode=3))
+    for _ in range(5):
+        log.submit(R(30, "pypi.org", A, "allow", rule="pypi.org"))
+    assert log.close()
+    database = rpt.open_log(str(path))
+    try:
+        data = summary(database)
+    finally:
+        database.close()
+    validate(data, rpt.SUMMARY_SCHEMA)
+    assert data["suspicious"], "base32 chunks must be reported"
+    assert {f["domain"] for f in data["suspicious"]} == {"attacker.example"}
+    assert all("pypi.org" not in f["names"] for f in data["suspicious"])
