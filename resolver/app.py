@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .chain import Resolver
-from .config import Config, load_config
+from .config import Config, load_config, resolv_conf_servers, without_self
 from .errors import DnsguardError
 from .history import record_policy
 from .server import DnsServer
@@ -47,6 +47,9 @@ def apply_overrides(config: Config, opts: ServeOptions) -> Config:
         server = replace(server, listen=opts.listen)
     if opts.upstream:
         upstream = replace(upstream, servers=opts.upstream, from_resolv_conf=False)
+    elif upstream.from_resolv_conf and opts.listen:
+        # --listen may put dnsguard where resolv.conf points: never forward to ourselves.
+        upstream = replace(upstream, servers=without_self(resolv_conf_servers(), opts.listen))
     if opts.db is not None:
         log = replace(log, database=opts.db)
     if opts.log_enabled is not None:
@@ -82,7 +85,9 @@ class App:
     def reload(self, reason: str = "SIGHUP") -> bool:
         try:
             new = apply_overrides(load_config(self.opts.policy_path), self.opts)
-        except DnsguardError as exc:
+            if not new.upstream.servers:
+                raise DnsguardError("no upstream servers left in the new policy")
+        except Exception as exc:  # whatever is wrong with the new file, the running policy stays
             print(f"dnsguard: policy reload ({reason}) rejected, keeping the running policy: {exc}",
                   file=sys.stderr, flush=True)
             return False
@@ -97,12 +102,20 @@ class App:
         return True
 
     async def _watch(self) -> None:
+        # Reload once the file has stopped changing for one interval: an editor (or a
+        # non-atomic writer) caught mid-save could otherwise hand us a truncated file that
+        # still parses -- say, with the end of its [deny] list cut off.
+        seen = self._mtime
         while True:
             await asyncio.sleep(self.opts.watch_interval)
             now = self._stat()
-            if now is not None and now != self._mtime:
+            if now is None or now == self._mtime:
+                seen = now
+                continue
+            if now == seen:
                 self._mtime = now
                 self.reload("file changed")
+            seen = now
 
     async def main(self) -> int:
         cfg = self.config
@@ -127,19 +140,34 @@ class App:
             watcher = asyncio.get_running_loop().create_task(self._watch())
             await server.serve_forever()
         finally:
-            if watcher is not None:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
-            if self.feeder is not None and hasattr(self.feeder, "close"):
-                self.feeder.close()
-            if self.querylog is not None:
-                # Drain off the loop thread: the writer may need a moment to commit.
-                await asyncio.get_running_loop().run_in_executor(None, self.querylog.close)
+            try:
+                if watcher is not None:
+                    watcher.cancel()
+                    with contextlib.suppress(BaseException):
+                        await watcher
+                if self.feeder is not None:
+                    self.feeder.close()
+            finally:
+                if self.querylog is not None:
+                    # Drain off the loop thread: the writer may need a moment to commit.
+                    await asyncio.get_running_loop().run_in_executor(None, self.querylog.close)
         return 0
 
 
+def raise_fd_limit() -> None:
+    """Every upstream query holds a socket: take all the file descriptors we are allowed."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, OSError, ValueError):
+        pass
+
+
 def run(opts: ServeOptions) -> int:
+    raise_fd_limit()
     app = App(opts)
     factory = uvloop.new_event_loop if uvloop is not None else None
     with asyncio.Runner(loop_factory=factory) as runner:

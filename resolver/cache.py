@@ -72,11 +72,21 @@ class Entry:
                 + data[12:qend] + self.aged_body(now))
 
 
-class AnswerCache:
-    """A bounded LRU of Entry objects keyed by question bytes."""
+MAX_BYTES = 128 * 1024 * 1024
 
-    def __init__(self, max_entries: int, clock: Callable[[], float] = time.monotonic) -> None:
+
+class AnswerCache:
+    """An LRU of Entry objects keyed by question bytes, bounded in entries *and* bytes.
+
+    Counting entries alone would let a zone that answers with 50 KB RRsets (an attacker's,
+    reached in audit mode) grow 100,000 entries into gigabytes.
+    """
+
+    def __init__(self, max_entries: int, clock: Callable[[], float] = time.monotonic,
+                 max_bytes: int = MAX_BYTES) -> None:
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self.clock = clock
         self._data: OrderedDict[bytes, Entry] = OrderedDict()
         self.hits = 0
@@ -92,6 +102,7 @@ class AnswerCache:
             return None
         if entry.expires <= now:
             del self._data[key]
+            self.bytes -= _size(key, entry)
             self.misses += 1
             return None
         self._data.move_to_end(key)
@@ -102,10 +113,21 @@ class AnswerCache:
         if self.max_entries <= 0:
             return
         data = self._data
+        old = data.get(key)
+        if old is not None:
+            self.bytes -= _size(key, old)
         data[key] = entry
         data.move_to_end(key)
-        while len(data) > self.max_entries:
-            data.popitem(last=False)
+        self.bytes += _size(key, entry)
+        while len(data) > self.max_entries or (self.bytes > self.max_bytes and len(data) > 1):
+            k, e = data.popitem(last=False)
+            self.bytes -= _size(k, e)
 
     def clear(self) -> None:
         self._data.clear()
+        self.bytes = 0
+
+
+def _size(key: bytes, entry: Entry) -> int:
+    # The body dominates; the aged copy and the per-entry overhead are counted roughly.
+    return 2 * len(entry.body) + len(key) + 400

@@ -41,13 +41,29 @@ from .upstream import Cleaner, Upstream
 Submit = Callable[[tuple], None]
 Handled = bytes | None | Coroutine[Any, Any, bytes | None]
 
-_META_TYPES = frozenset((251, 252, 253, 254))  # IXFR, AXFR, MAILB, MAILA: not for a stub resolver
+# Never forwarded: 0 (reserved), OPT (41, a pseudo-type) and the meta/query types 128-254
+# (TKEY, TSIG, IXFR, AXFR, MAILB, MAILA, ...). ANY (255) gets the RFC 8482 answer instead.
+_META_TYPES = frozenset((0, 41, *range(128, 255)))
 _MAX_VIEWS = 65_536
 _MAX_DECISIONS = 262_144
-# Upstream exchanges in flight at once. Past this, new misses get SERVFAIL at once instead of
-# piling up sockets and tasks behind a slow or dead upstream (a flood of unique names would
-# otherwise exhaust file descriptors and memory).
+# Upstream exchanges in flight at once (one socket each), and client queries waiting on them.
+# Past these, new misses get SERVFAIL at once instead of piling up sockets, tasks and memory
+# behind a slow or dead upstream (a flood of unique -- or identical -- names).
 MAX_INFLIGHT = 4096
+MAX_WAITING = 16_384
+
+
+def inflight_limit() -> int:
+    """Upstream sockets we may open: half the file descriptors we can have, at most MAX_INFLIGHT."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 256
+    if soft == resource.RLIM_INFINITY:
+        return MAX_INFLIGHT
+    return max(16, min(MAX_INFLIGHT, (soft - 256) // 2))
 
 
 class ClientView:
@@ -55,12 +71,15 @@ class ClientView:
 
     __slots__ = ("served", "mode", "audit", "matcher", "decisions", "label")
 
-    def __init__(self, served: bool, mode: str, matcher: Matcher, label: str | None) -> None:
+    def __init__(self, served: bool, mode: str, matcher: Matcher, label: str | None,
+                 decisions: dict[bytes, Decision] | None = None) -> None:
         self.served = served
         self.mode = mode
         self.audit = mode == "audit"
         self.matcher = matcher
-        self.decisions: dict[bytes, Decision] = {}
+        # Shared by every view of the same matcher, so the memo's bound holds per policy,
+        # not per source address (which a spoofing client could multiply).
+        self.decisions: dict[bytes, Decision] = {} if decisions is None else decisions
         self.label = label  # the [[clients]] name, if any
 
     def decide(self, qname: bytes) -> Decision:
@@ -81,18 +100,24 @@ def named_networks(config: Config) -> Named:
     return sorted(((net, c) for c in config.clients for net in c.sources), key=lambda nc: -nc[0].prefixlen)
 
 
-def classify(config: Config, ip: str, named: Named) -> ClientView:
+def classify(config: Config, ip: str, named: Named,
+             memo: dict[int, dict[bytes, Decision]] | None = None) -> ClientView:
+    memo = {} if memo is None else memo
+
+    def view(served: bool, mode: str, matcher: Matcher, label: str | None) -> ClientView:
+        return ClientView(served, mode, matcher, label, memo.setdefault(id(matcher), {}))
+
     try:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:
-        return ClientView(False, config.mode, config.matcher, None)
+        return view(False, config.mode, config.matcher, None)
     if addr.version == 6 and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
     for net, client in named:  # a named client's sources are implicitly allowed to ask
         if addr.version == net.version and addr in net:
-            return ClientView(True, client.mode, client.matcher, client.name)
+            return view(True, client.mode, client.matcher, client.name)
     served = any(addr.version == net.version and addr in net for net in config.server.clients)
-    return ClientView(served, config.mode, config.matcher, None)
+    return view(served, config.mode, config.matcher, None)
 
 
 class Resolver:
@@ -103,10 +128,16 @@ class Resolver:
         self.feeder = feeder
         self.cache = AnswerCache(config.cache.max_entries)
         self._inflight: dict[bytes, asyncio.Future[Entry]] = {}
+        self.max_inflight = inflight_limit()
+        self.waiting = 0  # client queries waiting for an upstream answer
         self._wall_offset = time.time() - time.monotonic()
         self.use(config)
 
     # -- configuration ----------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Called about once a second: follow wall-clock steps in log timestamps."""
+        self._wall_offset = time.time() - time.monotonic()
 
     def use(self, config: Config) -> None:
         """Switch to a new policy. Queries already in flight finish under the old one."""
@@ -115,9 +146,11 @@ class Resolver:
         self.cleaner = Cleaner(config.cache.negative_max_ttl, config.allow_cidrs)
         self.cache.max_entries = config.cache.max_entries
         self._views: dict[str, ClientView] = {}
+        self._memo: dict[int, dict[bytes, Decision]] = {}
         self._deny_opts: dict[tuple[Decision, int, str | None], bytes] = {}
-        self._refused_opts = {do: wire.opt_record(do, wire.ede_option(
-            wire.EDE_PROHIBITED, "dnsguard: this client may not use this resolver")) for do in (0, 0x80)}
+        # No EDE text for strangers: keep the answer to an unknown client small (no amplification).
+        self._refused_opts = {do: wire.opt_record(do, wire.ede_option(wire.EDE_PROHIBITED, ""))
+                              for do in (0, 0x80)}
         self._named = named_networks(config)
 
     def view(self, ip: str) -> ClientView:
@@ -130,7 +163,7 @@ class Resolver:
         return v
 
     def _classify(self, ip: str) -> ClientView:
-        return classify(self.config, ip, self._named)
+        return classify(self.config, ip, self._named, self._memo)
 
     @staticmethod
     def view_for(config: Config, ip: str) -> ClientView:
@@ -176,6 +209,11 @@ class Resolver:
         if not d.allowed and not view.audit:
             resp = wire.local_answer(data, qend, wire.NXDOMAIN, udp_size, do,
                                      self._deny_opt(d, do, view.label) if udp_size else None)
+            if udp_size and transport == "udp" and len(resp) > min(udp_size, wire.EDNS_PAYLOAD):
+                # A long rule name in the EDE text must not push the answer past the
+                # client's size (RFC 6891): answer without the text rather than truncated.
+                resp = wire.local_answer(data, qend, wire.NXDOMAIN, udp_size, do,
+                                         wire.opt_record(do, wire.ede_option(wire.EDE_BLOCKED, "")))
             if self.submit is not None:
                 self._log(t0, ip, transport, qname, qtype, "deny", view.mode, d.rule, wire.NXDOMAIN, None,
                           False, None)
@@ -201,6 +239,11 @@ class Resolver:
                 self._log(t0, ip, transport, qname, qtype, d.verdict, view.mode, d.rule, entry.rcode,
                           entry.answers_json, True, entry.note)
             return resp
+        if self.waiting >= MAX_WAITING:
+            self._log(t0, ip, transport, qname, qtype, d.verdict, view.mode, d.rule, wire.SERVFAIL, None,
+                      False, f"overloaded: {MAX_WAITING} queries already waiting for upstream")
+            return wire.local_answer(data, qend, wire.SERVFAIL, udp_size, do)
+        self.waiting += 1
         return self._miss(data, ip, transport, t0, name_end, qend, qtype, udp_size, do, key, qname, view, d)
 
     async def _miss(self, data: bytes, ip: str, transport: str, t0: float, name_end: int, qend: int,
@@ -220,11 +263,18 @@ class Resolver:
             resp = wire.local_answer(data, qend, wire.SERVFAIL, udp_size, do, wire.opt_record(
                 do, wire.ede_option(wire.EDE_NO_REACHABLE_AUTHORITY, "dnsguard: no upstream answered"))
                 if udp_size else None)
+        except asyncio.CancelledError:
+            # Shutdown cut this query off: it still gets its row.
+            self._log(t0, ip, transport, qname, qtype, d.verdict, view.mode, d.rule, None, None, False,
+                      "cancelled at shutdown")
+            raise
         except Exception:
             traceback.print_exc(file=sys.stderr)
             note = "internal error"
             rcode, answers = wire.SERVFAIL, None
             resp = wire.local_answer(data, qend, wire.SERVFAIL, udp_size, do)
+        finally:
+            self.waiting -= 1
         if transport == "udp" and len(resp) > (min(udp_size, wire.EDNS_PAYLOAD) if udp_size else 512):
             resp = wire.truncated(resp, qend, udp_size, do)
         self._log(t0, ip, transport, qname, qtype, d.verdict, view.mode, d.rule, rcode, answers, False, note)
@@ -235,8 +285,8 @@ class Resolver:
         fut = self._inflight.get(key)
         if fut is not None:
             return await asyncio.shield(fut)
-        if len(self._inflight) >= MAX_INFLIGHT:
-            raise UpstreamError(f"overloaded: {MAX_INFLIGHT} upstream queries already in flight")
+        if len(self._inflight) >= self.max_inflight:
+            raise UpstreamError(f"overloaded: {self.max_inflight} upstream queries already in flight")
         fut = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:
@@ -276,7 +326,11 @@ class Resolver:
             resp = wire.badvers_answer(data, bad.question_end)
         else:
             resp = wire.error_answer(data, rcode)
-        self._log(t0, ip, transport, None, None, None, self.config.mode, None, rcode, None, False,
+        # Log what could be read: a question that parsed before the packet went wrong is evidence.
+        ne = bad.name_end
+        qname = data[12:ne].lower() if ne else None
+        qtype = int.from_bytes(data[ne:ne + 2], "big") if ne and ne + 2 <= len(data) else None
+        self._log(t0, ip, transport, qname, qtype, None, self.config.mode, None, rcode, None, False,
                   f"{'dropped' if rcode is None else 'malformed'}: {bad.reason}")
         return resp
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PolicyError
-from .policy import Matcher, RuleError
+from .policy import Matcher, RuleError, compile_rule
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 HostPort = tuple[str, int]
@@ -118,21 +118,28 @@ class _Ctx:
         self.path = path
         self.lines = text.splitlines()
 
-    def line_of(self, needle: str | None, key: str | None = None) -> int | None:
+    def line_of(self, needle: str | None, key: str | None = None, section: str | None = None) -> int | None:
         if needle:
             for quoted in (f'"{needle}"', f"'{needle}'"):
-                for no, line in enumerate(self.lines, 1):
-                    if quoted in line:
-                        return no
+                # Prefer the entry itself over a comment that happens to mention it.
+                for code_only in (True, False):
+                    for no, line in enumerate(self.lines, 1):
+                        if quoted in (line.split("#", 1)[0] if code_only else line):
+                            return no
         if key is not None:
+            start = 0
+            if section:
+                head = re.compile(rf"^\s*\[+\s*{re.escape(section)}\s*\]")
+                start = next((i for i, line in enumerate(self.lines) if head.match(line)), 0)
             pat = re.compile(rf"^\s*(\[+\s*)?{re.escape(key)}\b")
-            for no, line in enumerate(self.lines, 1):
+            for no, line in enumerate(self.lines[start:], start + 1):
                 if pat.match(line):
                     return no
         return None
 
-    def fail(self, message: str, *, entry: str | None = None, key: str | None = None) -> PolicyError:
-        return PolicyError(message, path=self.path, line=self.line_of(entry, key), entry=entry)
+    def fail(self, message: str, *, entry: str | None = None, key: str | None = None,
+             section: str | None = None) -> PolicyError:
+        return PolicyError(message, path=self.path, line=self.line_of(entry, key, section), entry=entry)
 
 
 def _table(ctx: _Ctx, data: dict, name: str, allowed: set[str]) -> dict:
@@ -142,8 +149,11 @@ def _table(ctx: _Ctx, data: dict, name: str, allowed: set[str]) -> dict:
     unknown = sorted(set(value) - allowed)
     if unknown:
         raise ctx.fail(f"unknown key {name}.{unknown[0]} (known: {', '.join(sorted(allowed))})",
-                       key=unknown[0])
+                       key=unknown[0], section=name)
     return value
+
+
+_KIND_NAMES = {int: "an integer", str: "a string", bool: "true or false", float: "a number"}
 
 
 def _typed(ctx: _Ctx, table: dict, where: str, key: str, kind: type | tuple, default: Any) -> Any:
@@ -152,18 +162,19 @@ def _typed(ctx: _Ctx, table: dict, where: str, key: str, kind: type | tuple, def
     value = table[key]
     # bool is an int in Python; a boolean where a number belongs is a mistake.
     if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
-        name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-        raise ctx.fail(f"{where}.{key} must be a {name}, not {value!r}", key=key)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        name = " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kinds)
+        raise ctx.fail(f"{where}.{key} must be {name}, not {value!r}", key=key, section=where)
     return value
 
 
 def _str_list(ctx: _Ctx, table: dict, where: str, key: str) -> list[str]:
     value = table.get(key, [])
     if not isinstance(value, list):
-        raise ctx.fail(f"{where}.{key} must be a list of strings", key=key)
+        raise ctx.fail(f"{where}.{key} must be a list of strings", key=key, section=where)
     for i, item in enumerate(value):
         if not isinstance(item, str):
-            raise ctx.fail(f"{where}.{key}[{i}] must be a string, not {item!r}", key=key)
+            raise ctx.fail(f"{where}.{key}[{i}] must be a string, not {item!r}", key=key, section=where)
     return value
 
 
@@ -256,6 +267,31 @@ def resolv_conf_servers(path: str = "/etc/resolv.conf") -> list[HostPort]:
     return servers
 
 
+def without_self(servers: list[HostPort] | tuple[HostPort, ...],
+                 listen: tuple[HostPort, ...]) -> tuple[HostPort, ...]:
+    """Drop upstreams that are dnsguard itself: forwarding there would loop every query back in.
+
+    A listen address of 0.0.0.0 / :: answers on every local address, so any local address
+    on that port counts (loopback for certain; others are not knowable without asking the
+    kernel, and a resolv.conf pointing at the host's own LAN address is rare).
+    """
+    def is_self(server: HostPort) -> bool:
+        host, port = server
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        for lhost, lport in listen:
+            if lport != port:
+                continue
+            laddr = ipaddress.ip_address(lhost)
+            if laddr == addr or (laddr.is_unspecified and (addr.is_loopback or addr.is_unspecified)):
+                return True
+        return False
+
+    return tuple(s for s in servers if not is_self(s))
+
+
 # ---------------------------------------------------------------- entry points
 
 TOP_KEYS = {"mode", "server", "upstream", "cache", "allow", "deny", "log", "firewall", "clients"}
@@ -266,6 +302,8 @@ def parse_config(text: str, path: str = "<policy>") -> Config:
     ctx = _Ctx(path, text)
     try:
         data = tomllib.loads(text)
+    except RecursionError:
+        raise PolicyError("invalid TOML: nested too deeply", path=path) from None
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"line (\d+)", str(exc))
         line = int(m.group(1)) if m else (len(ctx.lines) or None) if "end of document" in str(exc) else None
@@ -297,9 +335,7 @@ def parse_config(text: str, path: str = "<policy>") -> Config:
             raise ctx.fail("upstream.servers is empty; remove it to use /etc/resolv.conf", key="servers")
         from_resolv = False
     else:
-        # Never forward to ourselves: that would loop every query back in.
-        own = set(listen)
-        servers = tuple(hp for hp in resolv_conf_servers() if hp not in own)
+        servers = without_self(resolv_conf_servers(), listen)
         from_resolv = True
     upstream = UpstreamSettings(servers, timeout_ms / 1000, from_resolv)
 
@@ -374,6 +410,12 @@ def _clients(ctx: _Ctx, raw: Any, mode: str, allow: list[str], deny: list[str]) 
         cmode = _mode(ctx, entry.get("mode", mode), f"{where}.mode")
         callow = _str_list(ctx, entry, where, "allow")
         cdeny = _str_list(ctx, entry, where, "deny")
+        for list_name, items in (("allow", callow), ("deny", cdeny)):
+            for idx, item in enumerate(items):
+                try:
+                    compile_rule(item)
+                except RuleError as exc:
+                    raise ctx.fail(f"{where}.{list_name}[{idx}]: {exc}", entry=item) from None
         # A client's lists add to the top-level ones; deny still wins over allow.
         matcher = _matcher(ctx, allow + callow, deny + cdeny, f"{where}.")
         out.append(ClientPolicy(name, sources, cmode, tuple(callow), tuple(cdeny), matcher))

@@ -12,6 +12,8 @@ Keeping the label boundaries in the bytes also means a dot inside a label
 
 from __future__ import annotations
 
+import idna
+
 MAX_NAME = 255
 MAX_LABEL = 63
 
@@ -56,6 +58,8 @@ def _split_presentation(name: str) -> list[bytes]:
         i += 1
     if cur:
         labels.append(bytes(cur))
+    elif name:  # "example.com.." : the caller stripped one dot, an empty label remains
+        raise ValueError("empty label")
     return labels
 
 
@@ -69,9 +73,11 @@ def _to_a_labels(name: str) -> str:
             out.append(label)
             continue
         try:
-            out.append(label.encode("idna").decode("ascii"))
-        except UnicodeError as exc:
-            raise ValueError(f"not a valid internationalised label: {label!r}") from exc
+            # IDNA 2008 with UTS 46 mapping, as browsers resolve names: "faß" is xn--fa-hia,
+            # not "fass" (IDNA 2003, Python's built-in codec, would allow a different domain).
+            out.append(idna.encode(label, uts46=True, transitional=False).decode("ascii"))
+        except (idna.IDNAError, UnicodeError) as exc:
+            raise ValueError(f"not a valid internationalised label: {label!r} ({exc})") from None
     return ".".join(out)
 
 

@@ -86,7 +86,16 @@ class UdpProtocol(asyncio.DatagramProtocol):
 
 
 class TcpProtocol(asyncio.Protocol):
-    """One client connection: frames in, answers out (possibly out of order)."""
+    """One client connection: frames in, answers out (possibly out of order).
+
+    Backpressure: a client that pipelines queries and never reads its answers
+    would make the write buffer grow without bound, so reading stops while the
+    kernel and transport hold more than WRITE_HIGH bytes, or while
+    MAX_PENDING queries of this connection wait for upstream.
+    """
+
+    WRITE_HIGH = 256 * 1024
+    MAX_PENDING = 64
 
     def __init__(self, server: DnsServer) -> None:
         self.server = server
@@ -95,10 +104,14 @@ class TcpProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.last_active = time.monotonic()
+        self.partial_since: float | None = None  # when the frame still being received began
         self.pending = 0
+        self._write_paused = False
+        self._read_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=self.WRITE_HIGH)  # type: ignore[attr-defined]
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else "?"
         self.server.tcp_opened(self)
@@ -107,8 +120,29 @@ class TcpProtocol(asyncio.Protocol):
         self.server.tcp_closed(self)
         self.transport = None
 
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        stop = self._write_paused or self.pending >= self.MAX_PENDING
+        if stop and not self._read_paused:
+            t.pause_reading()
+            self._read_paused = True
+        elif not stop and self._read_paused:
+            t.resume_reading()
+            self._read_paused = False
+
     def data_received(self, data: bytes) -> None:
-        self.last_active = time.monotonic()
+        now = time.monotonic()
+        self.last_active = now
         buf = self.buf
         buf += data
         while len(buf) >= 2:
@@ -127,8 +161,14 @@ class TcpProtocol(asyncio.Protocol):
                 task = asyncio.get_running_loop().create_task(self._finish(r))
                 self.server.tasks.add(task)
                 task.add_done_callback(self.server.tasks.discard)
-        if len(buf) > 2 + 65535:  # cannot happen with 2-byte lengths; belt and braces
-            self.close()
+        # A frame trickled in a byte at a time must not keep the connection alive forever:
+        # the idle deadline of a partial frame runs from its first byte.
+        if buf:
+            if self.partial_since is None:
+                self.partial_since = now
+        else:
+            self.partial_since = None
+        self._update_reading()
 
     async def _finish(self, coro: Any) -> None:
         try:
@@ -138,6 +178,7 @@ class TcpProtocol(asyncio.Protocol):
         finally:
             self.pending -= 1
             self.last_active = time.monotonic()
+            self._update_reading()
 
     def _send(self, resp: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -146,6 +187,9 @@ class TcpProtocol(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def idle_since(self) -> float:
+        return self.partial_since if self.partial_since is not None else self.last_active
 
 
 class DnsServer:
@@ -173,7 +217,7 @@ class DnsServer:
             # Make room by closing the connection that has been quiet the longest.
             idle = [c for c in self.tcp_conns if c is not conn and not c.pending] or \
                    [c for c in self.tcp_conns if c is not conn]
-            victim = min(idle, key=lambda c: c.last_active)
+            victim = min(idle, key=lambda c: c.idle_since())
             victim.close()
 
     def tcp_closed(self, conn: TcpProtocol) -> None:
@@ -183,8 +227,9 @@ class DnsServer:
         idle = self.config.server.tcp_idle_timeout
         while True:
             await asyncio.sleep(min(1.0, idle / 4))
+            self.resolver.tick()
             cutoff = time.monotonic() - idle
-            for conn in [c for c in self.tcp_conns if c.last_active < cutoff and not c.pending]:
+            for conn in [c for c in self.tcp_conns if c.idle_since() < cutoff and not c.pending]:
                 conn.close()
 
     # -- lifecycle --------------------------------------------------------------------
@@ -235,7 +280,11 @@ class DnsServer:
                     loop.remove_signal_handler(sig)
             await self.stop()
 
-    async def stop(self, grace: float = 2.0) -> None:
+    async def stop(self, grace: float | None = None) -> None:
+        # In-flight misses finish within the upstream timeout (then they answer SERVFAIL):
+        # waiting that long means no query is cut off unanswered and unlogged.
+        if grace is None:
+            grace = self.resolver.config.upstream.timeout + 1.0
         for s in self.tcp_servers:
             s.close()
         if self._sweeper is not None:

@@ -45,13 +45,15 @@ class BadQuery(Exception):
     resolvers bounce packets at each other forever).
     """
 
-    __slots__ = ("rcode", "reason", "question_end")
+    __slots__ = ("rcode", "reason", "question_end", "name_end")
 
-    def __init__(self, rcode: int | None, reason: str, question_end: int = 0) -> None:
+    def __init__(self, rcode: int | None, reason: str, question_end: int = 0, name_end: int = 0) -> None:
         self.rcode = rcode
         self.reason = reason
         # For BADVERS: where the (valid) question ends, so it can be echoed.
         self.question_end = question_end
+        # Where a well-formed question name ends (0 if none was read): logged as evidence.
+        self.name_end = name_end
         super().__init__(reason)
 
 
@@ -98,21 +100,21 @@ def parse_query(data: bytes) -> tuple[int, int, int, int, int, int]:
         raise BadQuery(FORMERR, "question name longer than 255 octets")
     qend = name_end + 4
     if qend > n:
-        raise BadQuery(FORMERR, "question truncated")
+        raise BadQuery(FORMERR, "question truncated", 0, name_end)
     qtype = (data[name_end] << 8) | data[name_end + 1]
     qclass = (data[name_end + 2] << 8) | data[name_end + 3]
     if not edns:
         if qend != n:
-            raise BadQuery(FORMERR, "trailing bytes after the question")
+            raise BadQuery(FORMERR, "trailing bytes after the question", 0, name_end)
         return name_end, qend, qtype, qclass, 0, 0
     # One additional record, which must be an OPT owned by the root.
     if n < qend + 11 or data[qend] != 0 or data[qend + 1] != 0 or data[qend + 2] != TYPE_OPT:
-        raise BadQuery(FORMERR, "additional record is not an OPT")
+        raise BadQuery(FORMERR, "additional record is not an OPT", 0, name_end)
     rdlen = (data[qend + 9] << 8) | data[qend + 10]
     if qend + 11 + rdlen != n:
-        raise BadQuery(FORMERR, "OPT record length does not match the packet")
+        raise BadQuery(FORMERR, "OPT record length does not match the packet", 0, name_end)
     if data[qend + 6]:
-        raise BadQuery(BADVERS, f"EDNS version {data[qend + 6]}", qend)
+        raise BadQuery(BADVERS, f"EDNS version {data[qend + 6]}", qend, name_end)
     size = (data[qend + 3] << 8) | data[qend + 4]
     return name_end, qend, qtype, qclass, size if size > 512 else 512, data[qend + 7] & 0x80
 

@@ -14,6 +14,7 @@ from resolver.names import normalise, text_to_wire, wire_to_text
     ("a\\.b.example", b"\x03a.b\x07example\x00"),
     ("\\065.example", b"\x01a\x07example\x00"),
     ("bücher.example", b"\x0dxn--bcher-kva\x07example\x00"),
+    ("faß.de", b"\x0axn--fa-hia\x02de\x00"),  # IDNA 2008: not "fass.de" as IDNA 2003 would say
 ])
 def test_text_to_wire(text, wire):
     assert text_to_wire(text) == wire
@@ -23,6 +24,12 @@ def test_wire_to_text_escapes_dots_and_odd_bytes():
     assert wire_to_text(b"\x03a.b\x07example\x00") == "a\\.b.example"
     assert wire_to_text(b"\x02\x00\xff\x00") == "\\000\\255"
     assert wire_to_text(b"\x00") == "."
+
+
+@pytest.mark.parametrize("bad", ["example.com..", "a..b", ".a", "a.\\", "x\\999.com"])
+def test_malformed_names(bad):
+    with pytest.raises(ValueError):
+        text_to_wire(bad)
 
 
 def test_name_length_limits():
