@@ -228,7 +228,7 @@ def _summary_table(data: dict, colour: bool) -> list[str]:
         "",
         f"lookups  {_num(t['lookups'])}   allow {_num(t['allow'])}   "
         + _style(f"deny {_num(t['deny'])}{share}", colour and t["deny"] > 0, fg="red")
-        + f"   malformed {_num(t['malformed'])}",
+        + f"   undecided (malformed/refused) {_num(t['undecided'])}",
         f"modes    enforce {_num(t['enforce'])}   audit {_num(t['audit'])}",
         f"distinct names {_num(t['distinct_names'])}   clients {_num(t['distinct_clients'])}",
     ]

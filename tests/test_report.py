@@ -157,7 +157,7 @@ def test_summary_window_totals(db, since_ago: float) -> None:
     assert t["lookups"] == _expected(since_ago)
     assert t["allow"] == _expected(since_ago, lambda r: r[5] == "allow")
     assert t["deny"] == _expected(since_ago, lambda r: r[5] == "deny")
-    assert t["malformed"] == _expected(since_ago, lambda r: r[5] is None)
+    assert t["undecided"] == _expected(since_ago, lambda r: r[5] is None)
     assert t["audit"] == _expected(since_ago, lambda r: r[6] == "audit")
     assert t["enforce"] + t["audit"] == t["lookups"]
     assert t["distinct_names"] == len({r[3] for r, _ in FIXTURE if r[0] >= NOW - since_ago and r[3]})
