@@ -7,33 +7,16 @@ Registered by ``resolver.cli`` with ``main.add_command(learn)`` and
 from __future__ import annotations
 
 import json
-import sqlite3
-import sys
 import time
-from collections.abc import Callable
 
 import click
 
 from . import history
 from . import learn as lrn
+from .cli_common import DEFAULT_DB, run_command
 from .config import load_config
-from .errors import DnsguardError
 
-DEFAULT_DB = "dnsguard.db"
-
-
-def _run(fn: Callable[[], None]) -> None:
-    """Our errors become one clean line (exit 1), never a traceback."""
-    try:
-        fn()
-    except DnsguardError as exc:
-        raise click.ClickException(str(exc)) from None
-    except sqlite3.Error as exc:
-        raise click.ClickException(f"database error: {exc}") from None
-    except BrokenPipeError:  # pragma: no cover - `| head`
-        sys.stderr.close()
-    except OSError as exc:
-        raise click.ClickException(str(exc)) from None
+_run = run_command
 
 
 def _when(text: str | None, now: float) -> float | None:

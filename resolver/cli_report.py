@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -15,9 +14,8 @@ from typing import Any
 import click
 
 from . import report as rpt
-from .errors import DnsguardError
+from .cli_common import DEFAULT_DB, run_command
 
-DEFAULT_DB = "dnsguard.db"
 DEFAULT_SINCE = "24h"
 FORMATS = ("table", "json", "csv")
 
@@ -76,17 +74,7 @@ def _open(opts: _Opts) -> Any:
     return rpt.open_log(opts.db or DEFAULT_DB)
 
 
-def _run(fn: Callable[[], None]) -> None:
-    """Turn our errors into one clean line (exit 1) instead of a traceback."""
-    try:
-        fn()
-    except DnsguardError as exc:
-        raise click.ClickException(str(exc)) from None
-    except sqlite3.Error as exc:
-        raise click.ClickException(f"reading the lookup log failed: {exc}") from None
-    except BrokenPipeError:
-        # `dnsguard report tail | head`: the reader left, which is not an error.
-        sys.stderr.close()
+_run = run_command
 
 
 # ----------------------------------------------------------------- formatting

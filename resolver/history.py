@@ -20,13 +20,12 @@ import sqlite3
 import sys
 import tempfile
 import time
-import urllib.parse
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from .config import parse_config
 from .errors import DnsguardError, PolicyError
-from .querylog import VERDICT_CODES
+from .querylog import VERDICT_CODES, open_readonly
 
 # record_policy runs on serve's event loop (start and reload): it must never stall DNS
 # for long, so a busy database costs at most this much before the record is given up.
@@ -110,18 +109,10 @@ def record_policy(db_path: str, text: str, sha256: str, path: str, *,
 
 
 def _open_ro(db_path: str) -> sqlite3.Connection:
-    if not os.path.exists(db_path):
-        raise HistoryError(f"no database at {db_path} (pass --db PATH: the one `dnsguard serve` logs to)")
-    uri = "file:" + urllib.parse.quote(os.path.abspath(db_path)) + "?mode=ro"
-    try:
-        conn = sqlite3.connect(uri, uri=True, timeout=2.0)
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    except sqlite3.Error as exc:
-        raise HistoryError(f"cannot read {db_path}: {exc}") from None
-    if "policies" not in tables:
-        conn.close()
-        raise HistoryError(f"{db_path} has no policy history yet (it is recorded by `dnsguard serve`)")
-    return conn
+    return open_readonly(
+        db_path, "policies", HistoryError,
+        missing_file=f"no database at {db_path} (pass --db PATH: the one `dnsguard serve` logs to)",
+        missing_table=f"{db_path} has no policy history yet (it is recorded by `dnsguard serve`)")
 
 
 def versions(db_path: str) -> list[Version]:

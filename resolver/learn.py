@@ -37,11 +37,9 @@ is returned, and the allow lists are compared with what was intended.
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 import sqlite3
 import time
-import urllib.parse
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -56,7 +54,7 @@ from .config import Config, parse_config
 from .errors import DnsguardError, PolicyError
 from .names import text_to_wire
 from .policy import Matcher, compile_rule
-from .querylog import MODE_CODES, VERDICT_CODES
+from .querylog import MODE_CODES, VERDICT_CODES, open_readonly
 
 DEFAULT_COLLAPSE_THRESHOLD = 10
 TOP = None  # the section key of the top-level [allow] list; named clients use their name
@@ -187,19 +185,10 @@ def _in_any(text: str | None, nets: Sequence) -> bool:
 
 def open_db(path: str) -> sqlite3.Connection:
     """Open a lookup log read-only (safe while `dnsguard serve` writes to it)."""
-    if not os.path.exists(path):
-        raise LearnError(f"no lookup log at {path} (run `dnsguard serve --db {path}` first, "
-                         "or pass --db PATH)")
-    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
-    try:
-        conn = sqlite3.connect(uri, uri=True, timeout=2.0)
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table','view')")}
-    except sqlite3.Error as exc:
-        raise LearnError(f"cannot read {path}: {exc}") from None
-    if "lookup_rows" not in tables:
-        conn.close()
-        raise LearnError(f"{path} is not a dnsguard lookup log (no lookup_rows table)")
-    return conn
+    return open_readonly(
+        path, "lookup_rows", LearnError,
+        missing_file=f"no lookup log at {path} (run `dnsguard serve --db {path}` first, or pass --db PATH)",
+        missing_table=f"{path} is not a dnsguard lookup log (no lookup_rows table)")
 
 
 def _qtype_text(code: int | None) -> str | None:

@@ -38,10 +38,12 @@ base table ``lookup_rows`` holds only integers, reals and the rarely-present tex
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import sys
 import threading
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -194,6 +196,29 @@ def ensure_schema(conn: sqlite3.Connection) -> int:
         conn.executemany("INSERT OR REPLACE INTO rrtypes (code, mnemonic) VALUES (?, ?)", known)
         conn.commit()
     return version
+
+
+def open_readonly(path: str, required_table: str, error: type[Exception], *, missing_file: str,
+                  missing_table: str, timeout: float = 2.0) -> sqlite3.Connection:
+    """Open a dnsguard database read-only (``mode=ro``): safe while `serve` writes to it.
+
+    Problems are raised as ``error`` (the caller's DnsguardError subclass) with the caller's
+    own wording: ``missing_file`` when there is no file, ``missing_table`` when the file has
+    no ``required_table``.
+    """
+    if not os.path.exists(path):
+        raise error(missing_file)
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=timeout, check_same_thread=False)
+        tables = {r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
+    except sqlite3.Error as exc:
+        raise error(f"cannot read {path}: {exc}") from None
+    if required_table not in tables:
+        conn.close()
+        raise error(missing_table)
+    return conn
 
 
 def open_for_writing(path: str, busy_timeout: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:

@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import re
-import sqlite3
 import time
-import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,7 +28,7 @@ from sqlite_utils import Database
 from . import suspicious
 from .errors import DnsguardError
 from .names import normalise
-from .querylog import MODE_CODES, VERDICT_CODES
+from .querylog import MODE_CODES, VERDICT_CODES, open_readonly
 
 SUMMARY_SCHEMA_ID = "dnsguard-report-summary/1"
 NAMES_SCHEMA_ID = "dnsguard-report-names/1"
@@ -347,21 +344,12 @@ def _below(name: str | None, suffix: str) -> bool:
 
 def open_log(path: str) -> Database:
     """Open a lookup log read-only. Raises ReportError if it is missing or not a log."""
-    if not os.path.exists(path):
-        raise ReportError(f"no lookup log at {path} (start `dnsguard serve --db {path}` "
-                          "or pass --db PATH)")
-    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
-    try:
-        conn = sqlite3.connect(uri, uri=True, timeout=2.0, check_same_thread=False)
-        conn.create_function("dg_below", 2, _below, deterministic=True)
-        db = Database(conn, execute_plugins=False, recursive_triggers=False)
-        tables = set(db.table_names())
-    except sqlite3.Error as exc:
-        raise ReportError(f"cannot read {path}: {exc}") from None
-    if "lookup_rows" not in tables:
-        conn.close()
-        raise ReportError(f"{path} is not a dnsguard lookup log (no lookup_rows table)")
-    return db
+    conn = open_readonly(
+        path, "lookup_rows", ReportError,
+        missing_file=f"no lookup log at {path} (start `dnsguard serve --db {path}` or pass --db PATH)",
+        missing_table=f"{path} is not a dnsguard lookup log (no lookup_rows table)")
+    conn.create_function("dg_below", 2, _below, deterministic=True)
+    return Database(conn, execute_plugins=False, recursive_triggers=False)
 
 
 def _rows(db: Database, sql: str, params: Iterable = ()) -> list[dict]:
