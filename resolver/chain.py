@@ -183,68 +183,72 @@ class Resolver:
     # -- the path ---------------------------------------------------------------------
 
     def handle(self, data: bytes, ip: str, transport: str) -> Handled:
-        """Answer one packet: bytes to send, None to stay silent, or a coroutine for a miss."""
+        """Answer one packet: bytes to send, None to stay silent, or a coroutine for a miss.
+
+        One function on purpose: every call layer costs on the hot path.
+        """
         t0 = time.monotonic()
         try:
-            return self._handle(data, ip, transport, t0)
+            try:
+                name_end, qend, qtype, qclass, udp_size, do = wire.parse_query(data)
+            except wire.BadQuery as bad:
+                return self._bad(data, ip, transport, t0, bad)
+            view = self._views.get(ip) or self.view(ip)
+            qname = data[12:name_end].lower()
+            if not view.served:
+                resp = wire.local_answer(data, qend, wire.REFUSED, udp_size, do, self._refused_opts[do])
+                self._log(t0, ip, transport, qname, qtype, None, view.mode, None, wire.REFUSED, None, False,
+                          "client not in [server] clients")
+                return resp
+            d = view.decisions.get(qname) or view.decide(qname)
+            if not d.allowed and not view.audit:
+                resp = wire.local_answer(data, qend, wire.NXDOMAIN, udp_size, do,
+                                         self._deny_opt(d, do, view.label) if udp_size else None)
+                if udp_size and transport == "udp" and len(resp) > min(udp_size, wire.EDNS_PAYLOAD):
+                    # A long rule name in the EDE text must not push the answer past the
+                    # client's size (RFC 6891): answer without the text rather than truncated.
+                    resp = wire.local_answer(data, qend, wire.NXDOMAIN, udp_size, do,
+                                             wire.opt_record(do, wire.ede_option(wire.EDE_BLOCKED, "")))
+                submit = self.submit
+                if submit is not None:  # inlined self._log: this is the hot path
+                    submit((t0 + self._wall_offset, ip, transport, qname, qtype, "deny", view.mode, d.rule,
+                            wire.NXDOMAIN, None, False, (time.monotonic() - t0) * 1000.0, None))
+                return resp
+            if qclass != wire.CLASS_IN or qtype in _META_TYPES:
+                rcode = wire.REFUSED if qclass != wire.CLASS_IN else wire.NOTIMP
+                self._log(t0, ip, transport, qname, qtype, d.verdict, view.mode, d.rule, rcode, None, False,
+                          "class/type not served")
+                return wire.local_answer(data, qend, rcode, udp_size, do)
+            if qtype == wire.TYPE_ANY:  # RFC 8482: a minimal answer, not forwarded
+                self._log(t0, ip, transport, qname, qtype, d.verdict, view.mode, d.rule, wire.NOERROR, None,
+                          False, "ANY (RFC 8482)")
+                return wire.local_answer(data, qend, wire.NOERROR, udp_size, do, None, wire.HINFO_RFC8482, 1)
+            key = qname + data[name_end:qend] + (b"\x01" if do else b"\x00")
+            entry = self.cache.get(key, t0)
+            if entry is not None:
+                if self.feeder is not None and entry.addrs:
+                    self._feed(entry, qname, t0)
+                resp = entry.response(data, qend, udp_size, do, t0)
+                if transport == "udp" and len(resp) > (min(udp_size, wire.EDNS_PAYLOAD) if udp_size else 512):
+                    resp = wire.truncated(resp, qend, udp_size, do)
+                submit = self.submit
+                if submit is not None:  # inlined self._log: this is the hot path
+                    submit((t0 + self._wall_offset, ip, transport, qname, qtype, d.verdict, view.mode, d.rule,
+                            entry.rcode, entry.answers_json, True, (time.monotonic() - t0) * 1000.0,
+                            entry.note))
+                return resp
+            if self.waiting >= MAX_WAITING:
+                self._log(t0, ip, transport, qname, qtype, d.verdict, view.mode, d.rule, wire.SERVFAIL, None,
+                          False, f"overloaded: {MAX_WAITING} queries already waiting for upstream")
+                return wire.local_answer(data, qend, wire.SERVFAIL, udp_size, do)
+            self.waiting += 1
+            return self._miss(data, ip, transport, t0, name_end, qend, qtype, udp_size, do, key, qname,
+                              view, d)
         except Exception:  # a bug must cost one answer, never the server
             traceback.print_exc(file=sys.stderr)
             self._log(t0, ip, transport, None, None, None, "enforce", None, wire.SERVFAIL, None,
                       False, "internal error")
             return wire.error_answer(data, wire.SERVFAIL) if len(data) >= 12 else None
-
-    def _handle(self, data: bytes, ip: str, transport: str, t0: float) -> Handled:
-        try:
-            name_end, qend, qtype, qclass, udp_size, do = wire.parse_query(data)
-        except wire.BadQuery as bad:
-            return self._bad(data, ip, transport, t0, bad)
-        view = self._views.get(ip) or self.view(ip)
-        qname = data[12:name_end].lower()
-        if not view.served:
-            resp = wire.local_answer(data, qend, wire.REFUSED, udp_size, do, self._refused_opts[do])
-            self._log(t0, ip, transport, qname, qtype, None, view.mode, None, wire.REFUSED, None, False,
-                      "client not in [server] clients")
-            return resp
-        d = view.decisions.get(qname) or view.decide(qname)
-        if not d.allowed and not view.audit:
-            resp = wire.local_answer(data, qend, wire.NXDOMAIN, udp_size, do,
-                                     self._deny_opt(d, do, view.label) if udp_size else None)
-            if udp_size and transport == "udp" and len(resp) > min(udp_size, wire.EDNS_PAYLOAD):
-                # A long rule name in the EDE text must not push the answer past the
-                # client's size (RFC 6891): answer without the text rather than truncated.
-                resp = wire.local_answer(data, qend, wire.NXDOMAIN, udp_size, do,
-                                         wire.opt_record(do, wire.ede_option(wire.EDE_BLOCKED, "")))
-            if self.submit is not None:
-                self._log(t0, ip, transport, qname, qtype, "deny", view.mode, d.rule, wire.NXDOMAIN, None,
-                          False, None)
-            return resp
-        if qclass != wire.CLASS_IN or qtype in _META_TYPES:
-            rcode = wire.REFUSED if qclass != wire.CLASS_IN else wire.NOTIMP
-            self._log(t0, ip, transport, qname, qtype, d.verdict, view.mode, d.rule, rcode, None, False,
-                      "class/type not served")
-            return wire.local_answer(data, qend, rcode, udp_size, do)
-        if qtype == wire.TYPE_ANY:  # RFC 8482: a minimal answer, not forwarded
-            self._log(t0, ip, transport, qname, qtype, d.verdict, view.mode, d.rule, wire.NOERROR, None,
-                      False, "ANY (RFC 8482)")
-            return wire.local_answer(data, qend, wire.NOERROR, udp_size, do, None, wire.HINFO_RFC8482, 1)
-        key = qname + data[name_end:qend] + (b"\x01" if do else b"\x00")
-        entry = self.cache.get(key, t0)
-        if entry is not None:
-            if self.feeder is not None and entry.addrs:
-                self._feed(entry, qname, t0)
-            resp = entry.response(data, qend, udp_size, do, t0)
-            if transport == "udp" and len(resp) > (min(udp_size, wire.EDNS_PAYLOAD) if udp_size else 512):
-                resp = wire.truncated(resp, qend, udp_size, do)
-            if self.submit is not None:
-                self._log(t0, ip, transport, qname, qtype, d.verdict, view.mode, d.rule, entry.rcode,
-                          entry.answers_json, True, entry.note)
-            return resp
-        if self.waiting >= MAX_WAITING:
-            self._log(t0, ip, transport, qname, qtype, d.verdict, view.mode, d.rule, wire.SERVFAIL, None,
-                      False, f"overloaded: {MAX_WAITING} queries already waiting for upstream")
-            return wire.local_answer(data, qend, wire.SERVFAIL, udp_size, do)
-        self.waiting += 1
-        return self._miss(data, ip, transport, t0, name_end, qend, qtype, udp_size, do, key, qname, view, d)
 
     async def _miss(self, data: bytes, ip: str, transport: str, t0: float, name_end: int, qend: int,
                     qtype: int, udp_size: int, do: int, key: bytes, qname: bytes, view: ClientView,

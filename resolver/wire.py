@@ -127,6 +127,10 @@ def opt_record(do: int, ede: bytes = b"", ext_rcode: int = 0) -> bytes:
             + _H.pack(len(ede)) + ede)
 
 
+# The plain client-facing OPT, by DO bit: built once, appended to most answers.
+PLAIN_OPT = {0: b"", 0x80: b""}
+
+
 def ede_option(info_code: int, text: str) -> bytes:
     """An Extended DNS Error option (RFC 8914): code 15, info-code, UTF-8 text."""
     body = _H.pack(info_code) + text.encode("utf-8")
@@ -147,7 +151,7 @@ def local_answer(data: bytes, qend: int, rcode: int, udp_size: int, do: int, opt
     """
     if udp_size:
         if opt is None:
-            opt = opt_record(do)
+            opt = PLAIN_OPT[do]
         return (data[:2] + response_flags(data, rcode) + b"\x00\x01" + _H.pack(ancount) + b"\x00\x00\x00\x01"
                 + data[12:qend] + answer + opt)
     return (data[:2] + response_flags(data, rcode) + b"\x00\x01" + _H.pack(ancount) + b"\x00\x00\x00\x00"
@@ -173,8 +177,11 @@ def truncated(resp: bytes, qend: int, udp_size: int, do: int) -> bytes:
     """The UDP form of an answer too big for the client: TC=1, question only (RFC 2181 9)."""
     head = resp[:2] + bytes((resp[2] | 0x02, resp[3])) + b"\x00\x01\x00\x00\x00\x00"
     if udp_size:
-        return head + b"\x00\x01" + resp[12:qend] + opt_record(do)
+        return head + b"\x00\x01" + resp[12:qend] + PLAIN_OPT[do]
     return head + b"\x00\x00" + resp[12:qend]
+
+
+PLAIN_OPT.update({do: opt_record(do) for do in (0, 0x80)})
 
 
 def build_query(qid: bytes, question: bytes, do: int) -> bytes:
