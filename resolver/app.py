@@ -120,10 +120,10 @@ class App:
     async def main(self) -> int:
         cfg = self.config
         if cfg.log.enabled:
-            from .querylog import QueryLog
+            from .logproc import ProcessLog
 
-            self.querylog = QueryLog(cfg.log.database, queue_max=cfg.log.queue_max,
-                                     retention_days=cfg.log.retention_days)
+            self.querylog = ProcessLog(cfg.log.database, queue_max=cfg.log.queue_max,
+                                       retention_days=cfg.log.retention_days)
             self.querylog.start()
             # Every policy served is kept, so `dnsguard policy rollback` can restore it byte for byte.
             record_policy(cfg.log.database, cfg.text, cfg.sha256, cfg.path)
@@ -150,6 +150,7 @@ class App:
             finally:
                 if self.querylog is not None:
                     # Drain off the loop thread: the writer may need a moment to commit.
+                    self.querylog.stop_flushing()
                     await asyncio.get_running_loop().run_in_executor(None, self.querylog.close)
         return 0
 

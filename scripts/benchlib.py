@@ -94,13 +94,39 @@ def install_signal_handlers() -> None:
 
 # ---------------------------------------------------------------- /proc figures
 
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, all threads included (``/proc/PID/stat``)."""
+def proc_cpu_seconds(pid: int, descendants: bool = False) -> float:
+    """utime + stime of a process, all threads included (``/proc/PID/stat``).
+
+    With ``descendants``, the live child processes' too: `dnsguard serve` writes its lookup
+    log from a child process, and that CPU is the server's cost as much as its own.
+    """
     with open(f"/proc/{pid}/stat") as fh:
         text = fh.read()
     fields = text[text.rindex(")") + 2:].split()
     # fields[0] is state (field 3); utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    total = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    if descendants:
+        for child in child_pids(pid):
+            with contextlib.suppress(OSError, ValueError):
+                total += proc_cpu_seconds(child, True)
+    return total
+
+
+def child_pids(pid: int) -> list[int]:
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as fh:
+                out.extend(int(x) for x in fh.read().split())
+    return out
+
+
+def tree_status_kb(pid: int, key: str) -> int | None:
+    """A /proc/PID/status figure (VmHWM, VmRSS) summed over the process and its live children."""
+    own = proc_status_kb(pid, key)
+    if own is None:
+        return None
+    return own + sum(tree_status_kb(c, key) or 0 for c in child_pids(pid))
 
 
 def proc_status_kb(pid: int, key: str) -> int | None:
@@ -201,7 +227,7 @@ def _self_cpu() -> float:
 
 def _safe_cpu(pid: int) -> float:
     try:
-        return proc_cpu_seconds(pid)
+        return proc_cpu_seconds(pid, descendants=True)
     except OSError:
         return 0.0
 
