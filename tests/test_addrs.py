@@ -10,7 +10,7 @@ from resolver.addrs import embedded_ipv4, is_public, rebinding_filter
 
 PUBLIC = [
     # ordinary internet
-    "1.1.1.1", "8.8.8.8", "151.101.0.223", "9.255.255.255", "11.0.0.0",
+    "1.2.3.4", "93.184.216.34", "151.101.0.223", "9.255.255.255", "11.0.0.0",
     "100.63.255.255", "100.128.0.0",          # just outside CGNAT
     "126.255.255.255", "128.0.0.0",           # around loopback
     "169.253.255.255", "169.255.0.0",         # around link-local
@@ -24,9 +24,9 @@ PUBLIC = [
     "2606:4700:4700::1111", "2a00:1450:4001:82b::200e", "2001:4860:4860::8888",
     "fbff:ffff::1", "fe00::1", "fe7f::1", "ff::1",
     # IPv6 forms embedding a public IPv4
-    "::ffff:8.8.8.8", "::ffff:203.0.113.9", "64:ff9b::808:808", "::ffff:0:808:808",
-    "2002:808:808::1",                                            # 6to4 of 8.8.8.8
-    "2001:0:4136:e378:8000:63bf:f7f7:f7f7",  # Teredo: server 65.54.227.120, client 8.8.8.8
+    "::ffff:93.184.216.34", "::ffff:203.0.113.9", "64:ff9b::5db8:d822", "::ffff:0:5db8:d822",
+    "2002:5db8:d822::1",                                          # 6to4 of 93.184.216.34
+    "2001:0:4136:e378:8000:63bf:a247:27dd",  # Teredo: server 65.54.227.120, client 93.184.216.34
 ]
 
 NOT_PUBLIC = [
@@ -110,8 +110,8 @@ def test_every_embedded_form_of_every_v4_private() -> None:
             (0xFFFF << 48) | n,                              # ::ffff:0:a.b.c.d
             (0x64FF9B << 96) | n,                            # 64:ff9b::a.b.c.d
             (0x2002 << 112) | (n << 80) | 1,                 # 2002:aabb:ccdd::1
-            (0x20010000 << 96) | (n << 64) | (0xFFFFFFFF ^ 0x08080808),  # Teredo server
-            (0x20010000 << 96) | (0x08080808 << 64) | (n ^ 0xFFFFFFFF),  # Teredo client
+            (0x20010000 << 96) | (n << 64) | (0xFFFFFFFF ^ 0x5DB8D822),  # Teredo server
+            (0x20010000 << 96) | (0x5DB8D822 << 64) | (n ^ 0xFFFFFFFF),  # Teredo client
         ]
         for value in forms:
             addr = ipaddress.IPv6Address(value)

@@ -28,7 +28,7 @@ def decode(question: bytes, body: bytes, an: int, ns: int) -> tuple[list, list]:
     return sorted(m.answer, key=str), sorted(m.authority, key=str)
 
 
-PUBLIC_V4 = st.sampled_from(["192.0.2.1", "198.51.100.7", "203.0.113.9", "8.8.4.4"])
+PUBLIC_V4 = st.sampled_from(["192.0.2.1", "198.51.100.7", "203.0.113.9", "93.184.216.34"])
 PUBLIC_V6 = st.sampled_from(["2001:db8::1", "2606:4700::1111"])
 
 
