@@ -217,7 +217,9 @@ class Cleaner:
                 if not all(public(ip) for ip in hints):
                     return None
                 addrs.extend((ip, ttl) for ip in hints)
-            elif rtype == _DNAME:
+            elif rtype not in _FAST_OPAQUE:
+                # Names inside other RDATA (MX, SRV, NS, PTR, ...) may be compressed, and a pointer
+                # into the additional section we cut off would corrupt the answer: re-render.
                 return None
             i = end
         answer_end = i
@@ -232,6 +234,9 @@ class Cleaner:
             if end > len(reply):
                 return None
             if rtype in _KEEP_AUTH_TYPES and any(is_subdomain(o, owner) for o in owners):
+                if rtype != wire.TYPE_SOA:
+                    return None  # NSEC/NSEC3/RRSIG proofs: rare, and their names are re-rendered
+                read_name(reply, read_name(reply, i + 10)[1])  # both SOA names point backwards
                 keep += 1
                 auth_offsets.append(i + 4 - qend)
                 auth_ttls.append(ttl & 0x7FFFFFFF)
@@ -372,7 +377,9 @@ def _hints_of(rd: object) -> list[str]:
 
 
 _RR = struct.Struct(">HHIH")
-_DNAME = 39
+# Answer types the bytes path keeps verbatim: their RDATA holds no name (A, AAAA, TXT), a name
+# checked with read_name (CNAME), or an uncompressed one (SVCB/HTTPS, checked in svcb_hints).
+_FAST_OPAQUE = frozenset((wire.TYPE_A, wire.TYPE_AAAA, wire.TYPE_CNAME, 16, wire.TYPE_SVCB, wire.TYPE_HTTPS))
 _KEEP_AUTH_TYPES = frozenset((wire.TYPE_SOA, 47, 50, 46))  # SOA, NSEC, NSEC3, RRSIG
 
 
@@ -422,6 +429,8 @@ def svcb_hints(data: bytes, start: int, end: int) -> list[str]:
     """ipv4hint / ipv6hint addresses of an SVCB/HTTPS record's RDATA (RFC 9460)."""
     i = start + 2
     while data[i]:  # the target name is never compressed (RFC 9460 2.2)
+        if data[i] > 63:
+            raise ValueError("compressed or malformed SVCB target name")
         i += data[i] + 1
     i += 1
     out = []

@@ -136,3 +136,17 @@ def test_read_name_refuses_loops_and_forward_pointers():
     with pytest.raises(ValueError):
         read_name(b"\xc0\x02\x01a\x00", 0)  # forward pointer
     assert read_name(b"\x01A\x00\x01b\xc0\x00", 3) == (b"\x01b\x01a\x00", 7)
+
+
+def test_rdata_with_names_is_re_rendered_not_kept_verbatim():
+    # MX/SRV/NS targets may be compressed against records we cut off: only the full path keeps them.
+    q = dns.message.make_query(QNAME, "MX")
+    r = dns.message.make_response(q)
+    r.answer.append(dns.rrset.from_text(QNAME, 60, "IN", "MX", "10 mail.allowed.test."))
+    r.additional.append(dns.rrset.from_text("mail.allowed.test.", 60, "IN", "A", "192.0.2.25"))
+    question = dns.name.from_text(QNAME).to_wire() + struct.pack(">HH", 15, 1)
+    cleaner = Cleaner()
+    assert cleaner._fast(r.to_wire(), question, len(question) - 4) is None
+    c = cleaner.clean(r.to_wire(), question, len(question) - 4)
+    (mx,), _ = decode(question, c.body, c.an, c.ns)
+    assert mx[0].exchange == dns.name.from_text("mail.allowed.test.") and c.ar == 0
