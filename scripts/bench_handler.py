@@ -1,0 +1,48 @@
+#!/usr/bin/env python3
+"""In-process cost of the query path: `Resolver.handle` for a cache hit and a denial.
+
+No sockets: this is the Python work per query that `scripts/bench` measures end to end
+(which adds the kernel's receive and send). Run pinned for steady figures:
+
+    taskset -c 1 python scripts/bench_handler.py
+"""
+
+from __future__ import annotations
+
+import struct
+import timeit
+
+import dns.message
+import dns.rrset
+
+from resolver.cache import Entry
+from resolver.chain import Resolver
+from resolver.config import parse_config
+from resolver.upstream import clean_reply
+
+POLICY = '[upstream]\nservers = ["127.0.0.1:9"]\n[allow]\ndomains = ["*.allowed.test"]\n'
+
+
+def main(n: int = 200_000) -> None:
+    r = Resolver(parse_config(POLICY))
+    q = dns.message.make_query("www.allowed.test", "A", use_edns=True)
+    reply = dns.message.make_response(q)
+    reply.answer.append(dns.rrset.from_text("www.allowed.test.", 300, "IN", "A", "192.0.2.1"))
+    question = q.question[0].name.to_wire() + struct.pack(">HH", 1, 1)
+    c = clean_reply(reply.to_wire(), question)
+    r.cache.put(question + b"\x00", Entry(c.rcode, c.an, c.ns, c.ar, c.body, c.offsets, c.ttls, 300,
+                                          r.cache.clock(), c.answers_json, c.addrs))
+    packets = {"cache hit": q.to_wire(),
+               "denied": dns.message.make_query("x.evil.test", "A", use_edns=True).to_wire()}
+    assert isinstance(r.handle(packets["cache hit"], "127.0.0.1", "udp"), bytes)
+    records: list[tuple] = []
+    for log in (None, records.append):
+        r.submit = log
+        for name, packet in packets.items():
+            best = min(timeit.repeat(lambda p=packet: r.handle(p, "127.0.0.1", "udp"), number=n, repeat=5))
+            records.clear()
+            print(f"{name:10} log {'on ' if log else 'off'} {best / n * 1e6:6.2f} µs per query")
+
+
+if __name__ == "__main__":
+    main()
