@@ -32,6 +32,9 @@ import time
 from typing import Any
 
 FLUSH_INTERVAL = 0.02
+# Records pickled per hand-over: pickling is done on the event loop, so a backlog is handed
+# over in slices (~2 ms each) rather than in one long stall. 5,000 per 20 ms is 250k/s.
+MAX_BATCH = 5_000
 PIPE_SIZE = 4 * 1024 * 1024
 _F_SETPIPE_SZ = 1031  # Linux fcntl: grow the pipe so bursts do not stall the hand-over
 
@@ -91,7 +94,11 @@ class ProcessLog:
         # cost bounded memory (the pending list), not an ever-growing byte buffer.
         if not self._out:
             if self._pending:
-                batch, self._pending = self._pending, []
+                if len(self._pending) <= MAX_BATCH:
+                    batch, self._pending = self._pending, []
+                else:
+                    batch = self._pending[:MAX_BATCH]
+                    del self._pending[:MAX_BATCH]
                 self._frame(("rows", batch))
             if self.overflow != self._sent_overflow:
                 self._frame(("overflow", self.overflow - self._sent_overflow))
