@@ -13,8 +13,8 @@ the records in the list (still bounded). The child owns the database: batching,
 retention, overflow rows, error reporting on stderr -- everything `QueryLog` does.
 
 If the server dies, the child sees end-of-file, writes what it has and exits; it
-ignores SIGINT/SIGTERM so a Ctrl-C to the process group cannot kill it before the
-server has handed over the last records.
+runs in its own session and ignores SIGINT/SIGTERM, so a Ctrl-C to the terminal cannot
+kill it before the server has handed over the last records.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import multiprocessing
 import os
 import pickle
+import select
 import signal
 import struct
+import subprocess
 import sys
 import time
 from typing import Any
@@ -37,6 +38,7 @@ FLUSH_INTERVAL = 0.02
 MAX_BATCH = 5_000
 PIPE_SIZE = 4 * 1024 * 1024
 _F_SETPIPE_SZ = 1031  # Linux fcntl: grow the pipe so bursts do not stall the hand-over
+_LEN = struct.Struct("!I")
 
 
 class ProcessLog:
@@ -65,14 +67,17 @@ class ProcessLog:
     # -- lifecycle ------------------------------------------------------------
     def start(self) -> None:
         """Start the writer process; call from inside the running event loop."""
-        ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads and a loop
-        reader, writer = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_child_main, name="dnsguard-querylog",
-                                 args=(reader, self.path, self.queue_max, self.retention_days))
-        self._proc.start()
-        reader.close()
-        self._fd = os.dup(writer.fileno())
-        writer.close()
+        # A plain child (not multiprocessing: no resource-tracker process, no fork of a process
+        # with threads and a loop) in its own session, so a Ctrl-C to the terminal's process
+        # group reaches only the server, which then hands over the last records itself.
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "resolver.logproc", self.path, str(self.queue_max),
+             "" if self.retention_days is None else str(self.retention_days)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True, start_new_session=True,
+            cwd=os.getcwd())
+        assert self._proc.stdin is not None
+        self._fd = os.dup(self._proc.stdin.fileno())
+        self._proc.stdin.close()
         with contextlib.suppress(OSError):
             fcntl.fcntl(self._fd, _F_SETPIPE_SZ, PIPE_SIZE)
         os.set_blocking(self._fd, False)
@@ -86,8 +91,7 @@ class ProcessLog:
 
     def _frame(self, message: object) -> None:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        # multiprocessing.Connection's framing, so the child can use recv_bytes().
-        self._out += struct.pack("!i", len(data)) + data
+        self._out += _LEN.pack(len(data)) + data
 
     def _flush(self) -> None:
         # Serialise only when the previous hand-over has left: a stalled child must
@@ -133,43 +137,66 @@ class ProcessLog:
         if self._proc is None:
             return not self._pending
         deadline = time.monotonic() + timeout
-        if self._fd >= 0:
-            os.set_blocking(self._fd, True)
-            while self._pending or self._out or self.overflow != self._sent_overflow:
-                self._flush()
-                if self._fd < 0:
+        # Hand over the rest without ever blocking for good: a stalled child (a hung disk)
+        # must not hold the server's exit hostage.
+        while self._fd >= 0 and (self._pending or self._out or self.overflow != self._sent_overflow):
+            self._flush()
+            if self._out and self._fd >= 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     break
-            if self._fd >= 0:
+                select.select([], [self._fd], [], min(left, 0.5))
+        lost = len(self._pending) + (1 if self._out else 0)
+        if self._fd >= 0:
+            if not self._pending and not self._out:
                 self._frame(None)
                 with contextlib.suppress(OSError):
                     os.write(self._fd, self._out)
-                os.close(self._fd)
-                self._fd = -1
-        self._proc.join(max(0.5, deadline - time.monotonic()) + 2.0)
-        if self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join(2.0)
+            os.close(self._fd)  # end-of-file: the child writes what it has and exits
+            self._fd = -1
+        try:
+            self._proc.wait(max(0.5, deadline - time.monotonic()) + 2.0)
+        except subprocess.TimeoutExpired:
+            # It ignores SIGTERM (see main), so only SIGKILL ends a stuck writer.
+            self._proc.kill()
+            self._proc.wait(5.0)
+            here = f" (and {len(self._pending)} not handed over)" if lost else ""
+            print(f"dnsguard: lookup log writer did not finish in time; records still queued in it "
+                  f"are lost{here}", file=sys.stderr, flush=True)
             return False
-        return self._proc.exitcode == 0
+        if lost:
+            print(f"dnsguard: lookup log: {len(self._pending)} records could not be handed to the writer",
+                  file=sys.stderr, flush=True)
+        return self._proc.returncode == 0 and not lost
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
 
-def _child_main(conn: Any, path: str, queue_max: int, retention_days: float | None) -> None:
-    # The parent decides when we stop (it sends None, or dies and we see EOF).
+def _read_exact(stream: Any, n: int) -> bytes:
+    data = stream.read(n)
+    if data is None or len(data) < n:
+        raise EOFError
+    return data
+
+
+def main(argv: list[str]) -> int:
+    """The writer process: `python -m resolver.logproc DB QUEUE_MAX RETENTION_DAYS`, frames on stdin."""
+    # The server decides when we stop (it sends None, or goes away and we see end-of-file).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from .querylog import QueryLog
 
-    log = QueryLog(path, queue_max=queue_max, retention_days=retention_days)
+    path, queue_max, retention = argv[0], int(argv[1]), argv[2]
+    log = QueryLog(path, queue_max=queue_max, retention_days=float(retention) if retention else None)
     log.start()
     submit = log.submit
+    stream = sys.stdin.buffer
     while True:
         try:
-            message = pickle.loads(conn.recv_bytes())
-        except (EOFError, OSError):
+            message = pickle.loads(_read_exact(stream, _read_exact_len(stream)))
+        except (EOFError, OSError, pickle.UnpicklingError):
             break
         if message is None:
             break
@@ -179,4 +206,12 @@ def _child_main(conn: Any, path: str, queue_max: int, retention_days: float | No
                 submit(record)
         elif kind == "overflow":
             log.overflow += payload
-    sys.exit(0 if log.close() else 1)
+    return 0 if log.close() else 1
+
+
+def _read_exact_len(stream: Any) -> int:
+    return _LEN.unpack(_read_exact(stream, 4))[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

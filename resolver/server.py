@@ -289,9 +289,14 @@ class DnsServer:
             s.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        # In-flight misses get a bounded moment to finish and be sent; then everything closes.
+        # In-flight misses get a bounded moment to finish and be sent; stragglers are cancelled
+        # (and log themselves as such) before the lookup log is closed behind them.
         if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=grace)
+            _, late = await asyncio.wait(list(self.tasks), timeout=grace)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=1.0)
         for t in self.udp_transports:
             t.close()
         for conn in list(self.tcp_conns):

@@ -400,8 +400,9 @@ def read_name(data: bytes, i: int) -> tuple[bytes, int]:
                 end = i + 2
             hops += 1
             target = ((length & 0x3F) << 8) | data[i + 1]
-            # Strictly backwards: no loops, and nothing can point into a section we cut off.
-            if target >= i or hops > 127:
+            # Strictly backwards (no loops, nothing into a section we cut off) and past the
+            # header, which the client's answer replaces with different bytes.
+            if target >= i or target < 12 or hops > 127:
                 raise ValueError("compression pointer that does not point backwards")
             i = target
             continue

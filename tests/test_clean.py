@@ -135,7 +135,10 @@ def test_read_name_refuses_loops_and_forward_pointers():
         read_name(data, 12)
     with pytest.raises(ValueError):
         read_name(b"\xc0\x02\x01a\x00", 0)  # forward pointer
-    assert read_name(b"\x01A\x00\x01b\xc0\x00", 3) == (b"\x01b\x01a\x00", 7)
+    header = b"\x00" * 12
+    assert read_name(header + b"\x01A\x00\x01b\xc0\x0c", 15) == (b"\x01b\x01a\x00", 19)
+    with pytest.raises(ValueError):  # into the header, which the client's answer replaces
+        read_name(header + b"\x01b\xc0\x00", 12)
 
 
 def test_rdata_with_names_is_re_rendered_not_kept_verbatim():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import sqlite3
@@ -112,3 +113,30 @@ def test_trickled_tcp_frame_is_closed_at_the_idle_timeout(dnsguard, dnsmasq):
                 pass
         assert closed_after is not None, "a trickling client kept its connection open"
         assert closed_after < 3.0
+
+
+def test_a_stuck_log_writer_cannot_hold_the_server_at_exit(dnsguard, dnsmasq, tmp_path):
+    import os
+
+    up = dnsmasq()
+    g = dnsguard(make_policy([up.addr], allow=["allowed.test"]), "--db", str(tmp_path / "log.db"))
+
+    def writer_pid() -> int | None:
+        for task in os.listdir(f"/proc/{g.proc.pid}/task"):
+            kids = Path(f"/proc/{g.proc.pid}/task/{task}/children").read_text().split()
+            if kids:
+                return int(kids[0])
+        return None
+
+    child = wait_until(writer_pid, 10, what="the log writer process")
+    os.kill(child, signal.SIGSTOP)  # a writer stuck on a hung disk
+    try:
+        for _ in range(20):
+            assert g.query("allowed.test").rcode() == dns.rcode.NOERROR  # DNS does not wait for it
+        start = time.monotonic()
+        assert g.stop(timeout=40) in (0, 1)
+        assert time.monotonic() - start < 30
+        assert "did not finish in time" in g.stderr_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
