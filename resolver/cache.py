@@ -46,10 +46,6 @@ class Entry:
         self._age = 0
         self._aged = body
 
-    def aged_body(self, now: float) -> bytes:
-        age = int(now - self.stored)
-        return self._aged if age == self._age else self._age_to(age)
-
     def _age_to(self, age: int) -> bytes:
         buf = bytearray(self.body)
         for off, ttl in zip(self.offsets, self.ttls, strict=True):
@@ -58,9 +54,6 @@ class Entry:
         self._aged = bytes(buf)
         self._age = age
         return self._aged
-
-    def remaining(self, now: float) -> int:
-        return max(0, int(self.expires - now))
 
     def response(self, data: bytes, qend: int, udp_size: int, do: int, now: float) -> bytes:
         """This answer for the query ``data`` (its ID, flags and question bytes)."""

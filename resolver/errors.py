@@ -29,9 +29,5 @@ class PolicyError(DnsguardError):
         super().__init__(text)
 
 
-class WireError(DnsguardError):
-    """A packet that is not a valid DNS query."""
-
-
 class UpstreamError(DnsguardError):
     """No upstream produced a usable answer in time."""

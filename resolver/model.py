@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 Verdict = Literal["allow", "deny"]
-Mode = Literal["enforce", "audit"]
 
 # One lookup-log record, in this order:
 #   ts          float   seconds since the epoch (UTC), when the packet arrived
@@ -33,8 +32,6 @@ LOG_FIELDS = (
     "ts", "client", "transport", "qname", "qtype", "verdict", "mode", "rule",
     "rcode", "answers", "cached", "latency_ms", "note",
 )
-
-LogRecord = tuple
 
 
 @dataclass(frozen=True, slots=True)
