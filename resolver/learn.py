@@ -54,7 +54,7 @@ from .config import Config, parse_config
 from .errors import DnsguardError, PolicyError
 from .names import text_to_wire
 from .policy import Matcher, compile_rule
-from .querylog import MODE_CODES, VERDICT_CODES, open_readonly
+from .querylog import MODE_CODES, VERDICT_CODES, open_readonly, window
 
 DEFAULT_COLLAPSE_THRESHOLD = 10
 TOP = None  # the section key of the top-level [allow] list; named clients use their name
@@ -210,13 +210,8 @@ def read_log(db_path: str, *, since: float | None = None, until: float | None = 
     nets = _networks(clients)
     conn = open_db(db_path)
     try:
-        cond, params = ["r.name_id IS NOT NULL", "r.verdict IS NOT NULL"], []
-        if since is not None:
-            cond.append("r.ts >= ?")
-            params.append(since)
-        if until is not None:
-            cond.append("r.ts < ?")
-            params.append(until)
+        cond, params = window(since, until, "r.ts")
+        cond += ["r.name_id IS NOT NULL", "r.verdict IS NOT NULL"]
         rows = conn.execute(
             "SELECT n.name, c.addr, g.qtype, g.verdict, g.mode, u.rule, g.rcode, g.has_answers, g.clean, "
             "g.n, g.first, g.last FROM ("
@@ -273,13 +268,8 @@ def _read_connections(conn: sqlite3.Connection, since: float | None, until: floa
     cols = {r[1] for r in conn.execute("PRAGMA table_info(connections)")}
     if not {"ts", "source", "destination", "protocol", "port", "verdict", "name"} <= cols:
         return []
-    cond, params = ["verdict = 'would-block'", "destination IS NOT NULL"], []
-    if since is not None:
-        cond.append("ts >= ?")
-        params.append(since)
-    if until is not None:
-        cond.append("ts < ?")
-        params.append(until)
+    cond, params = window(since, until)
+    cond += ["verdict = 'would-block'", "destination IS NOT NULL"]
     out: dict[str, Connection] = {}
     for dest, proto, port, name, source, n, first, last in conn.execute(
         "SELECT destination, protocol, port, name, source, count(*), min(ts), max(ts) FROM connections "

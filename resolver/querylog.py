@@ -198,6 +198,19 @@ def ensure_schema(conn: sqlite3.Connection) -> int:
     return version
 
 
+def window(since: float | None, until: float | None, column: str = "ts") -> tuple[list[str], list[object]]:
+    """SQL conditions and parameters for the half-open time window ``[since, until)``."""
+    cond: list[str] = []
+    params: list[object] = []
+    if since is not None:
+        cond.append(f"{column} >= ?")
+        params.append(since)
+    if until is not None:
+        cond.append(f"{column} < ?")
+        params.append(until)
+    return cond, params
+
+
 def open_readonly(path: str, required_table: str, error: type[Exception], *, missing_file: str,
                   missing_table: str, timeout: float = 2.0) -> sqlite3.Connection:
     """Open a dnsguard database read-only (``mode=ro``): safe while `serve` writes to it.

@@ -28,7 +28,7 @@ from sqlite_utils import Database
 from . import suspicious
 from .errors import DnsguardError
 from .names import normalise
-from .querylog import MODE_CODES, VERDICT_CODES, open_readonly
+from .querylog import MODE_CODES, VERDICT_CODES, open_readonly, window
 
 SUMMARY_SCHEMA_ID = "dnsguard-report-summary/1"
 NAMES_SCHEMA_ID = "dnsguard-report-names/1"
@@ -370,14 +370,8 @@ class _Where:
 
 def _where(db: Database, since: float | None, until: float | None, filters: Filters) -> _Where:
     """SQL condition over ``lookup_rows r`` for a window and filters (integer columns only)."""
-    parts = ["1"]
-    params: list[object] = []
-    if since is not None:
-        parts.append("r.ts >= ?")
-        params.append(since)
-    if until is not None:
-        parts.append("r.ts < ?")
-        params.append(until)
+    parts, params = window(since, until, "r.ts")
+    parts = ["1", *parts]
     if filters.verdict is not None:
         if filters.verdict not in VERDICT_CODES:
             raise ReportError(f"verdict must be allow or deny, not {filters.verdict!r}")
@@ -582,14 +576,8 @@ def _blocked_connections(db: Database, since: float | None, until: float | None,
                          filters: Filters, top: int) -> list[dict]:
     if "connections" not in db.table_names():
         return []
-    cond = ["coalesce(verdict, '') NOT IN ('allow', 'allowed', 'accept')"]
-    params: list[object] = []
-    if since is not None:
-        cond.append("ts >= ?")
-        params.append(since)
-    if until is not None:
-        cond.append("ts < ?")
-        params.append(until)
+    cond, params = window(since, until)
+    cond.append("coalesce(verdict, '') NOT IN ('allow', 'allowed', 'accept')")
     rows = _rows(
         db,
         "SELECT destination, protocol, port, name, verdict, count(*) AS count, min(ts) AS first, "
