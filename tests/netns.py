@@ -26,8 +26,9 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+
+from helpers import wait_until  # noqa: F401  (one poller for all tests; re-exported for the netns suite)
 
 from resolver.ipsets import open_socket
 
@@ -85,18 +86,6 @@ def cleanup_stale() -> None:
         m = re.match(rf"{re.escape(PREFIX)}(\d+)-", name)
         if m and not os.path.exists(f"/proc/{m.group(1)}"):
             sh(["ip", "netns", "del", name], check=False)
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> object:
-    """Poll `predicate` until truthy or the deadline passes (then AssertionError)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(interval)
 
 
 class Topology:

@@ -118,7 +118,7 @@ def dnsmasq(topo: Topology, tmp_path_factory: pytest.TempPathFactory) -> str:
             except OSError:
                 return False
 
-    wait_until(answers, 10, "dnsmasq to answer")
+    wait_until(answers, 10, what="dnsmasq to answer")
     return DNS4
 
 
@@ -174,7 +174,7 @@ def wait_row(rec: NflogRecorder, destination: str, protocol: str, port: int | No
                 return r
         return None
 
-    return wait_until(find, 5, f"a connections row for {destination} {protocol}/{port}")  # type: ignore[return-value]
+    return wait_until(find, 5, what=f"a connections row for {destination} {protocol}/{port}")  # type: ignore[return-value]
 
 
 def timed(fn, *args):  # noqa: ANN001, ANN202 - tiny helper
@@ -263,7 +263,7 @@ def test_expiry_closes_new_connections_but_not_established_ones(topo, servers, r
             conn.connect((S0, 443))
             conn.sendall(b"one")
             assert conn.recv(16) == b"one"
-            wait_until(lambda: S0 not in short.members("dnsguard4"), 10, "the set entry to expire")
+            wait_until(lambda: S0 not in short.members("dnsguard4"), 10, what="the set entry to expire")
             assert topo.tcp_connect(topo.agent, S0, 443) == "refused"
             conn.sendall(b"two")  # the established connection survives
             assert conn.recv(16) == b"two"
@@ -428,7 +428,7 @@ def test_user_mode_redirects_dns_from_loopback(topo, servers, dnsmasq, router, s
               f"exec 3<>/dev/tcp/{dnsmasq}/53 && echo tcp-ok")
     p = topo.run_as(topo.router, NOBODY, script)
     assert p.returncode == 0 and "tcp-ok" in p.stdout, p
-    wait_until(lambda: len(srv.seen) >= 3, 5, "redirected queries to arrive")
+    wait_until(lambda: len(srv.seen) >= 3, 5, what="redirected queries to arrive")
     seen = {(proto, where.rsplit(":", 1)[0], peer[0]) for proto, where, peer in srv.seen}
     # source rewritten to loopback, so the default [server] clients accepts it
     assert ("udp", "127.0.0.1", "127.0.0.1") in seen
@@ -503,7 +503,7 @@ def test_serve_firewall_end_to_end(topo, servers, dnsmasq, router, tmp_path) -> 
                 raise AssertionError(f"serve exited {proc.returncode}: {''.join(lines)}")
             return any(f"listening on {ROUTER_IN4}:53" in ln for ln in lines)
 
-        wait_until(ready, 15, "dnsguard serve to listen")
+        wait_until(ready, 15, what="dnsguard serve to listen")
         from resolver.config import load_config
 
         spec = fw.spec_from_config(load_config(policy), sources=[AGENT_NET4, AGENT_NET6])
@@ -531,9 +531,9 @@ def test_serve_firewall_end_to_end(topo, servers, dnsmasq, router, tmp_path) -> 
                 return conn.execute("SELECT source, protocol, verdict, name FROM connections "
                                     "WHERE destination = ? AND port = ?", (dst, port)).fetchone()
 
-        assert wait_until(lambda: row(S1, 443), 5, "blocked row for other.test") == (
+        assert wait_until(lambda: row(S1, 443), 5, what="blocked row for other.test") == (
             AGENT4, "tcp", "blocked", None)
-        assert wait_until(lambda: row(S0, 8080), 5, "blocked row for allowed.test:8080") == (
+        assert wait_until(lambda: row(S0, 8080), 5, what="blocked row for allowed.test:8080") == (
             AGENT4, "tcp", "blocked", "allowed.test")
         st = fw.status(router, [(ROUTER_IN4, 53)], spec)
         assert st.ok, st.describe()
