@@ -7,9 +7,10 @@ by bumping the ``schema`` string.
 
 The database is opened read-only (``file:...?mode=ro``), so a report can run while
 ``dnsguard serve`` writes: WAL readers neither block nor are blocked by the writer.
-Aggregates read the integer base table ``lookup_rows`` (see ``resolver.querylog``),
-not the decoding ``lookups`` view, and join the text tables only for the few rows
-they print.
+Aggregates read the writer's per-hour counts (``lookup_rollup``) for the whole hours of
+a window and the integer base table ``lookup_rows`` only for its partial edge hours (see
+``resolver.querylog``), never the decoding ``lookups`` view; they join the text tables
+only for the few rows they print.
 """
 
 from __future__ import annotations
@@ -28,7 +29,15 @@ from sqlite_utils import Database
 from . import suspicious
 from .errors import DnsguardError
 from .names import normalise
-from .querylog import MODE_CODES, VERDICT_CODES, open_readonly, window
+from .querylog import (
+    MODE_CODES,
+    ROLLUP_COLUMNS,
+    ROLLUP_NULL,
+    ROLLUP_SECONDS,
+    VERDICT_CODES,
+    open_readonly,
+    window,
+)
 
 SUMMARY_SCHEMA_ID = "dnsguard-report-summary/1"
 NAMES_SCHEMA_ID = "dnsguard-report-names/1"
@@ -371,7 +380,17 @@ class _Where:
 def _where(db: Database, since: float | None, until: float | None, filters: Filters) -> _Where:
     """SQL condition over ``lookup_rows r`` for a window and filters (integer columns only)."""
     parts, params = window(since, until, "r.ts")
-    parts = ["1", *parts]
+    only = _filter_where(db, filters)
+    return _Where(" AND ".join(["1", *parts, only.sql]), (*params, *only.params))
+
+
+def _filter_where(db: Database, filters: Filters) -> _Where:
+    """The filters alone, over columns ``lookup_rows`` and ``lookup_rollup`` share (alias ``r``).
+
+    Every value compared is a real id or code, never the rollup's -1 for NULL.
+    """
+    parts: list[str] = ["1"]
+    params: list[object] = []
     if filters.verdict is not None:
         if filters.verdict not in VERDICT_CODES:
             raise ReportError(f"verdict must be allow or deny, not {filters.verdict!r}")
@@ -443,58 +462,65 @@ def _overflow(db: Database, since: float | None, until: float | None) -> dict:
     return {"total": int(row["total"]), "in_window": int(win["n"]), "last": iso(row["last"])}
 
 
-# A window holding more than this share of the log is aggregated by scanning the covering
-# rollup index in GROUP BY order; a smaller one by a ts-range scan plus a sort of just its rows.
-_ROLLUP_SHARE = 0.2
-_IX_TS = "ix_lookup_rows_ts"
-_IX_CLIENT = "ix_lookup_rows_client_ts"
-_IX_ROLLUP = "ix_lookup_rows_rollup"
+_KEY = ", ".join(f"r.{c}" for c in ROLLUP_COLUMNS)
 
 
-def _indexes(db: Database) -> set[str]:
-    return {r["name"] for r in _rows(db, "SELECT name FROM sqlite_master WHERE type = 'index' "
-                                         "AND tbl_name = 'lookup_rows'")}
+def _has_rollup(db: Database) -> bool:
+    # A schema-1 log (read-only here, so not migrated) has only rows: aggregate those.
+    return bool(_rows(db, "SELECT 1 AS x FROM sqlite_master WHERE type = 'table' AND name = 'lookup_rollup'"))
 
 
-def _window_index(db: Database, since: float | None, until: float | None, filters: Filters) -> str | None:
-    """Which index the window scan should use (SQLite's planner, without ANALYZE statistics,
-    picks the sort-free rollup scan even for a 24h window of a month-long log: 3x slower)."""
-    if filters.name is not None:
-        return _IX_ROLLUP  # led by name_id: the name filter is a range of it
-    share = 1.0
-    if since is not None or until is not None:
-        # Two subqueries: SQLite answers a lone max()/min() from the rowid b-tree's end, but
-        # scans the table for max(id) - min(id) written as one aggregate.
-        span = _rows(db, "SELECT coalesce((SELECT max(id) FROM lookup_rows) - "
-                         "(SELECT min(id) FROM lookup_rows) + 1, 0) AS n")[0]["n"]
-        # Counted on the ts index (a range of it); left alone, SQLite would scan the whole
-        # rollup index, which also covers ts.
-        hint = f"INDEXED BY {_IX_TS}" if _IX_TS in _indexes(db) else ""
-        inside = _rows(db, f"SELECT count(*) AS n FROM lookup_rows {hint} WHERE ts >= ? AND ts < ?",
-                       (since if since is not None else float("-inf"),
-                        until if until is not None else float("inf")))[0]["n"]
-        share = inside / span if span else 0.0
-    if share > _ROLLUP_SHARE:
-        return _IX_ROLLUP
-    return _IX_CLIENT if filters.client is not None else _IX_TS
+def _whole_hours(since: float | None, until: float | None) -> tuple[int | None, int | None] | None:
+    """The rollup hours lying wholly inside ``[since, until)`` as ``[first, end)`` (None: open);
+    None when there is none."""
+    first = None if since is None else int(-(-since // ROLLUP_SECONDS))
+    end = None if until is None else int(until // ROLLUP_SECONDS)
+    if first is not None and end is not None and first >= end:
+        return None
+    return first, end
 
 
-def _materialise_window(db: Database, where: _Where, index: str | None) -> None:
-    """One scan of the window into a small temp table that every section then reads.
+def _materialise_window(db: Database, since: float | None, until: float | None, only: _Where) -> None:
+    """Aggregate the window into a small temp table that every section then reads.
 
-    Grouping by (name, verdict, mode, client, rule, rcode) shrinks millions of rows to
-    (roughly) names x clients, and read-only connections may still write TEMP tables.
+    Grouped by (name, verdict, mode, client, rule, rcode): millions of lookups shrink to
+    (roughly) names x clients. Whole hours come from ``lookup_rollup``; only the partial
+    hours at the window's edges are counted from raw rows (a ts-range scan). Read-only
+    connections may still write TEMP tables.
     """
-    hint = f"INDEXED BY {index}" if index is not None and index in _indexes(db) else ""
+    hours = _whole_hours(since, until) if _has_rollup(db) else None
+    parts: list[str] = []
+    params: list[object] = []
+    edges: list[tuple[float | None, float | None]] = [(since, until)]
+    if hours is not None:
+        first, end = hours
+        cond, cond_params = [only.sql], list(only.params)
+        if first is not None:
+            cond.append("r.hour >= ?")
+            cond_params.append(first)
+        if end is not None:
+            cond.append("r.hour < ?")
+            cond_params.append(end)
+        decoded = ", ".join(f"nullif(r.{c}, {ROLLUP_NULL}) AS {c}" for c in ROLLUP_COLUMNS)
+        parts.append(f"SELECT {decoded}, r.n AS n, r.first AS first, r.last AS last "
+                     f"FROM lookup_rollup r WHERE {' AND '.join(cond)}")
+        params += cond_params
+        edges = []
+        if first is not None:
+            edges.append((since, first * ROLLUP_SECONDS))
+        if end is not None:
+            edges.append((end * ROLLUP_SECONDS, until))
+    for lo, hi in edges:
+        cond, cond_params = window(lo, hi, "r.ts")
+        parts.append(f"SELECT {_KEY}, count(*) AS n, min(r.ts) AS first, max(r.ts) AS last "
+                     f"FROM lookup_rows r WHERE {' AND '.join([*cond, only.sql])} GROUP BY {_KEY}")
+        params += [*cond_params, *only.params]
+    columns = ", ".join(ROLLUP_COLUMNS)
     db.execute("DROP TABLE IF EXISTS temp.dg_window")
     db.execute(
-        "CREATE TEMP TABLE dg_window AS SELECT r.name_id AS name_id, r.verdict AS verdict, "
-        "r.mode AS mode, r.client_id AS client_id, r.rule_id AS rule_id, r.rcode AS rcode, "
-        "count(*) AS n, min(r.ts) AS first, max(r.ts) AS last "
-        f"FROM lookup_rows r {hint} WHERE {where.sql} "
-        # The order of ix_lookup_rows_rollup, so scanning it needs no sort.
-        "GROUP BY r.name_id, r.verdict, r.mode, r.client_id, r.rule_id, r.rcode",
-        list(where.params),
+        f"CREATE TEMP TABLE dg_window AS SELECT {columns}, sum(n) AS n, min(first) AS first, "
+        f"max(last) AS last FROM ({' UNION ALL '.join(parts)}) GROUP BY {columns}",
+        params,
     )
     db.execute("CREATE INDEX temp.ix_dg_window_name ON dg_window (name_id)")
 
@@ -638,9 +664,9 @@ def summary(db: Database, *, since: float | None, until: float | None,
     Returns a dict matching :data:`SUMMARY_SCHEMA`.
     """
     now = time.time() if now is None else now
-    where = _where(db, since, until, filters)
+    only = _filter_where(db, filters)
     out = _head(db, SUMMARY_SCHEMA_ID, since, until, filters, now)
-    _materialise_window(db, where, _window_index(db, since, until, filters))
+    _materialise_window(db, since, until, only)
     by = _rows(db, "SELECT verdict, mode, sum(n) AS count FROM dg_window GROUP BY verdict, mode "
                    "ORDER BY verdict DESC, mode")
     distinct = _rows(db, "SELECT count(DISTINCT name_id) AS names, count(DISTINCT client_id) AS clients "
@@ -716,9 +742,9 @@ def names(db: Database, *, since: float | None, until: float | None,
     if sort not in NAME_SORTS:
         raise ReportError(f"sort must be one of {', '.join(NAME_SORTS)}, not {sort!r}")
     now = time.time() if now is None else now
-    where = _where(db, since, until, filters)
+    only = _filter_where(db, filters)
     out = _head(db, NAMES_SCHEMA_ID, since, until, filters, now)
-    _materialise_window(db, where, _window_index(db, since, until, filters))
+    _materialise_window(db, since, until, only)
     rows = _rows(
         db,
         "SELECT w.name_id AS name_id, n.name AS name, sum(w.n) AS count, "
@@ -790,26 +816,52 @@ def tail(db: Database, *, n: int = 20, after_id: int | None = None, max_id: int 
     where = _where(db, since, until, filters)
     if max_id is not None:
         where = where.and_("r.id <= ?", max_id)
-    if after_id is None:
-        # Newest by time, walked backwards along an index that ends in ts (rowid breaks ties),
-        # so the first n matches end the scan: no sort of everything that matches.
-        hint = ""
-        if filters.name is not None and filters.client is None and filters.verdict is None:
-            # A name with many rows: walk the ts index and skip the others (finds n quickly);
-            # a rare name: its few rows through the name index, then a small sort.
-            many = _rows(db, f"SELECT count(*) AS n FROM (SELECT 1 FROM lookup_rows r WHERE {where.sql} "
-                             "LIMIT 50000)", where.params)[0]["n"]
-            if many >= 50000 and _IX_TS in _indexes(db):
-                hint = f"INDEXED BY {_IX_TS}"
-        inner = (f"SELECT r.id FROM lookup_rows r {hint} WHERE {where.sql} "
-                 "ORDER BY r.ts DESC, r.id DESC LIMIT ?")
-    else:
+    if after_id is not None:
         where = where.and_("r.id > ?", after_id)
-        inner = f"SELECT r.id FROM lookup_rows r WHERE {where.sql} ORDER BY r.id LIMIT ?"
-    params = (*where.params, n)
-    order = "id" if after_id is not None else "ts, id"
-    rows = _rows(db, f"SELECT * FROM lookups WHERE id IN ({inner}) ORDER BY {order}", params)
+        ids = _ids(db, f"SELECT r.id FROM lookup_rows r WHERE {where.sql} ORDER BY r.id LIMIT ?",
+                   (*where.params, n))
+        order = "id"
+    elif filters == Filters() or not _has_rollup(db):
+        # Newest first along the ts index (rowid breaks ties): the first n rows end the scan.
+        ids = _ids(db, f"SELECT r.id FROM lookup_rows r WHERE {where.sql} "
+                       "ORDER BY r.ts DESC, r.id DESC LIMIT ?", (*where.params, n))
+        order = "ts, id"
+    else:
+        ids = _newest_matching(db, where, _filter_where(db, filters), since, until, n)
+        order = "ts, id"
+    if not ids:
+        return []
+    rows = _rows(db, f"SELECT * FROM lookups WHERE id IN ({','.join(map(str, ids))}) ORDER BY {order}")
     return [_lookup_dict(r) for r in rows]
+
+
+def _ids(db: Database, sql: str, params: tuple) -> list[int]:
+    return [r[0] for r in db.execute(sql, params).fetchall()]
+
+
+def _newest_matching(db: Database, where: _Where, only: _Where, since: float | None,
+                     until: float | None, n: int) -> list[int]:
+    """The ``n`` newest rows matching a filter, read only from the hours the rollup says hold
+    matches (newest first): a rare name costs a scan of its hours, not of the whole log."""
+    cond, params = [only.sql], list(only.params)
+    if since is not None:
+        cond.append("r.hour >= ?")
+        params.append(int(since // ROLLUP_SECONDS))
+    if until is not None:
+        cond.append("r.hour <= ?")
+        params.append(int(until // ROLLUP_SECONDS))
+    hours = [r[0] for r in db.execute(
+        f"SELECT DISTINCT r.hour FROM lookup_rollup r WHERE {' AND '.join(cond)} ORDER BY r.hour DESC",
+        params).fetchall()]
+    ids: list[int] = []
+    for hour in hours:
+        inside = where.and_("r.ts >= ? AND r.ts < ?", float(hour * ROLLUP_SECONDS),
+                            float((hour + 1) * ROLLUP_SECONDS))
+        ids += _ids(db, f"SELECT r.id FROM lookup_rows r WHERE {inside.sql} "
+                        "ORDER BY r.ts DESC, r.id DESC LIMIT ?", (*inside.params, n - len(ids)))
+        if len(ids) >= n:
+            break
+    return ids
 
 
 def last_id(db: Database) -> int:

@@ -52,13 +52,22 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "log.db"
 
 
-def test_writes_exactly_n_rows_across_batches(db_path: Path) -> None:
-    log = QueryLog(str(db_path), batch_max=100)
-    log.start()
-    n = 1234
+@pytest.mark.parametrize("batch_max", [100, 5000])
+def test_writes_exactly_n_rows_across_batches(db_path: Path, batch_max: int) -> None:
+    """Small batches go row by row; big ones mostly through multi-row INSERT chunks plus a
+    row-by-row remainder: both keep every field of every record, in order."""
+    log = QueryLog(str(db_path), batch_max=batch_max, retention_days=None)
+    n = querylog._CHUNK_ROWS * 2 + 234
     for i in range(n):
-        log.submit(rec(i, name=f"host{i % 37}.example.com"))
+        log.submit(rec(i, ts=1_700_000_000.0 + i, name=f"host{i % 37}.example.com", latency_ms=i / 8,
+                       cached=bool(i % 2), answers=f'["192.0.2.{i % 250}"]'))
+    log.start()
     assert log.flush(10)
+    with closing(sqlite3.connect(db_path)) as conn:
+        got = conn.execute(
+            "SELECT ts, qname, latency_ms, cached, answers FROM lookups ORDER BY id").fetchall()
+    assert got == [(1_700_000_000.0 + i, f"host{i % 37}.example.com", i / 8, i % 2, f'["192.0.2.{i % 250}"]')
+                   for i in range(n)]
     assert log.written == n
     assert count(db_path) == n
     # Normalised: 37 distinct names stored once each, one client.
@@ -234,7 +243,77 @@ def test_retention_prunes_old_rows_in_chunks(db_path: Path, monkeypatch) -> None
     wait_until(lambda: count(db_path, where=f"ts < {cutoff}") == 0, 30, what="old rows to be pruned")
     assert count(db_path) == 40
     assert log.pruned == 5500
+    # The hourly counts of the pruned rows go too, so reports never count rows that are gone.
+    wait_until(lambda: rollup_total(db_path) == 40, 30, what="old rollup hours to be pruned")
     assert log.close()
+    assert_rollup_matches_rows(db_path)
+
+
+def rollup_total(path: Path) -> int:
+    with closing(sqlite3.connect(path)) as conn:
+        return conn.execute("SELECT coalesce(sum(n), 0) FROM lookup_rollup").fetchone()[0]
+
+
+def assert_rollup_matches_rows(path: Path) -> None:
+    """The writer's per-hour counts equal a GROUP BY over the rows they count."""
+    key = ", ".join(f"coalesce({c}, -1)" for c in querylog.ROLLUP_COLUMNS)
+    with closing(sqlite3.connect(path)) as conn:
+        kept = sorted(conn.execute(
+            f"SELECT hour, {', '.join(querylog.ROLLUP_COLUMNS)}, n, first, last FROM lookup_rollup"))
+        recount = sorted(conn.execute(
+            f"SELECT CAST(ts / 3600 AS INTEGER), {key}, count(*), min(ts), max(ts) FROM lookup_rows "
+            f"GROUP BY 1, {', '.join(str(i) for i in range(2, 8))}"))
+    assert kept == recount
+
+
+def test_rollup_counts_every_row_across_batches_hours_and_nulls(db_path: Path) -> None:
+    """Batches straddling hour boundaries, repeated keys across batches (the upsert path),
+    and NULL key columns (no name, no verdict, no rule, no reply) all land in the rollup."""
+    base = 1_700_000_000.0 - 1_700_000_000.0 % 3600 + 3000  # 10 minutes before an hour starts
+    log = QueryLog(str(db_path), batch_max=97, retention_days=None)
+    log.start()
+    n = 3000
+    for i in range(n):
+        kind = i % 5
+        verdict = None if kind == 4 else ("deny" if kind == 3 else "allow")
+        log.submit(rec(i, ts=base + i * 0.7 - (i % 3) * 0.2, name=None if kind == 4 else f"h{i % 7}.example",
+                       client=f"127.0.0.{i % 3 + 1}", verdict=verdict,
+                       rule=None if kind >= 3 else f"*.example{i % 2}",
+                       rcode=None if i % 11 == 0 else kind % 4, mode="audit" if i % 13 == 0 else "enforce"))
+    assert log.close()
+    assert count(db_path) == n
+    assert rollup_total(db_path) == n
+    with closing(sqlite3.connect(db_path)) as conn:
+        assert conn.execute("SELECT count(DISTINCT hour) FROM lookup_rollup").fetchone()[0] == 2
+    assert_rollup_matches_rows(db_path)
+
+
+def test_schema_1_log_is_migrated_with_its_rollup(db_path: Path) -> None:
+    """A log written by schema 1 (covering indexes, no rollup) gets the rollup of its old rows
+    and loses the indexes the writer no longer pays for."""
+    from sqlite_utils import Database
+
+    with closing(sqlite3.connect(db_path)) as conn:
+        querylog.MIGRATIONS[0](Database(conn))
+        conn.execute("PRAGMA user_version = 1")
+        conn.execute("INSERT INTO names (id, name) VALUES (1, 'old.example')")
+        conn.execute("INSERT INTO clients (id, addr) VALUES (1, '127.0.0.1')")
+        conn.executemany(
+            "INSERT INTO lookup_rows (ts, client_id, transport, name_id, qtype, verdict, mode, rule_id,"
+            " rcode, answers, cached, latency_ms, note)"
+            " VALUES (?, 1, 0, 1, 1, 0, 0, NULL, 3, NULL, 0, 0.1, NULL)",
+            [(time.time() - 7200 + i,) for i in range(500)])
+        conn.commit()
+    log = QueryLog(str(db_path), retention_days=None)
+    log.start()
+    log.submit(rec(name="old.example", verdict="deny", rule=None, rcode=3))
+    assert log.close()
+    with closing(sqlite3.connect(db_path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        indexes = {r[1] for r in conn.execute("PRAGMA index_list(lookup_rows)")}
+    assert indexes == {"ix_lookup_rows_ts"}
+    assert rollup_total(db_path) == 501
+    assert_rollup_matches_rows(db_path)
 
 
 def test_no_retention_keeps_everything(db_path: Path) -> None:
@@ -259,5 +338,10 @@ def test_schema_has_integer_indexes_and_future_tables(db_path: Path) -> None:
         indexed = {r[2] for idx in conn.execute("PRAGMA index_list(lookup_rows)")
                    for r in conn.execute(f"PRAGMA index_info({idx[1]})")}
         types = {r[1]: r[2] for r in conn.execute("PRAGMA table_info(lookup_rows)")}
-    assert indexed == {"ts", "name_id", "client_id", "verdict", "mode", "rule_id", "rcode"}
+    # One append-only index on the rows; everything else reports need is in the rollup.
+    assert indexed == {"ts"}
     assert all(types[c] in ("INTEGER", "FLOAT", "REAL") for c in indexed)
+    with closing(sqlite3.connect(db_path)) as conn:
+        info = sorted(conn.execute("PRAGMA table_info(lookup_rollup)"), key=lambda r: r[5])
+    pk = [r[1] for r in info if r[5]]
+    assert pk == ["hour", *querylog.ROLLUP_COLUMNS]
