@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import os
 import pickle
 import select
@@ -33,12 +34,19 @@ import time
 from typing import Any
 
 FLUSH_INTERVAL = 0.02
-# Records pickled per hand-over: pickling is done on the event loop, so a backlog is handed
-# over in slices (~2 ms each) rather than in one long stall. 5,000 per 20 ms is 250k/s.
+# Records pickled per hand-over slice: pickling is done on the event loop, so a backlog is
+# handed over in slices (~1 ms each) rather than in one long stall, and at most
+# MAX_SLICES_PER_FLUSH slices per tick or per pipe-writable callback.
 MAX_BATCH = 5_000
-PIPE_SIZE = 4 * 1024 * 1024
-_F_SETPIPE_SZ = 1031  # Linux fcntl: grow the pipe so bursts do not stall the hand-over
+MAX_SLICES_PER_FLUSH = 2
+# Pipe sizes to ask for, largest first. Linux caps unprivileged pipes at
+# /proc/sys/fs/pipe-max-size (1 MiB by default) and refuses any growth once a user's pipes
+# hold more than pipe-user-pages-soft; the hand-over must keep up on the default 64 KiB too.
+PIPE_SIZES = (4 * 1024 * 1024, 1024 * 1024, 256 * 1024)
+_F_SETPIPE_SZ = 1031  # Linux fcntl
 _LEN = struct.Struct("!I")
+GC_INTERVAL = 30.0
+WRITER_BATCH = 20_000
 
 
 class ProcessLog:
@@ -56,6 +64,7 @@ class ProcessLog:
         self._proc: Any = None
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._watching = False  # a pipe-writable callback is registered
 
     # -- hot path -------------------------------------------------------------
     def submit(self, record: tuple) -> None:
@@ -78,8 +87,12 @@ class ProcessLog:
         assert self._proc.stdin is not None
         self._fd = os.dup(self._proc.stdin.fileno())
         self._proc.stdin.close()
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(self._fd, _F_SETPIPE_SZ, PIPE_SIZE)
+        for size in PIPE_SIZES:
+            try:
+                fcntl.fcntl(self._fd, _F_SETPIPE_SZ, size)
+                break
+            except OSError:
+                continue
         os.set_blocking(self._fd, False)
         self._loop = asyncio.get_running_loop()
         self._timer = self._loop.call_later(FLUSH_INTERVAL, self._tick)
@@ -93,35 +106,61 @@ class ProcessLog:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         self._out += _LEN.pack(len(data)) + data
 
+    def _serialise(self) -> None:
+        """Move the next slice of records (and any new overflow count) into the out buffer."""
+        if self._pending:
+            if len(self._pending) <= MAX_BATCH:
+                batch, self._pending = self._pending, []
+            else:
+                batch = self._pending[:MAX_BATCH]
+                del self._pending[:MAX_BATCH]
+            self._frame(("rows", batch))
+        if self.overflow != self._sent_overflow:
+            self._frame(("overflow", self.overflow - self._sent_overflow))
+            self._sent_overflow = self.overflow
+
     def _flush(self) -> None:
-        # Serialise only when the previous hand-over has left: a stalled child must
-        # cost bounded memory (the pending list), not an ever-growing byte buffer.
-        if not self._out:
-            if self._pending:
-                if len(self._pending) <= MAX_BATCH:
-                    batch, self._pending = self._pending, []
-                else:
-                    batch = self._pending[:MAX_BATCH]
-                    del self._pending[:MAX_BATCH]
-                self._frame(("rows", batch))
-            if self.overflow != self._sent_overflow:
-                self._frame(("overflow", self.overflow - self._sent_overflow))
-                self._sent_overflow = self.overflow
-        if self._out and self._fd >= 0:
+        # Serialise only when the previous slice has left: a stalled child must cost bounded
+        # memory (the pending list), not an ever-growing byte buffer. When the pipe fills, the
+        # loop calls back as soon as the child has read some (not a whole tick later: with a
+        # 64 KiB pipe, waiting for ticks capped the hand-over near 30k records/s).
+        for _ in range(MAX_SLICES_PER_FLUSH):
+            if not self._out:
+                self._serialise()
+                if not self._out:
+                    break
+            if self._fd < 0:
+                return
             try:
                 written = os.write(self._fd, self._out)
             except BlockingIOError:
+                self._watch_pipe(True)
                 return
             except OSError as exc:  # the child is gone: say so once, keep answering DNS
                 print(f"dnsguard: lookup log writer process is gone ({exc}); lookups are not being "
                       f"recorded", file=sys.stderr, flush=True)
+                self._watch_pipe(False)
                 os.close(self._fd)
                 self._fd = -1
                 return
             del self._out[:written]
+            if self._out:
+                self._watch_pipe(True)
+                return
+        self._watch_pipe(bool(self._out or self._pending))
+
+    def _watch_pipe(self, on: bool) -> None:
+        if on == self._watching or self._loop is None or self._fd < 0:
+            return
+        if on:
+            self._loop.add_writer(self._fd, self._flush)
+        else:
+            self._loop.remove_writer(self._fd)
+        self._watching = on
 
     def stop_flushing(self) -> None:
         """Stop the periodic hand-over; call in the loop thread before `close` runs elsewhere."""
+        self._watch_pipe(False)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -192,10 +231,20 @@ def main(argv: list[str]) -> int:
         os.nice(10)
     from .querylog import QueryLog
 
+    # Every row allocates tuples, and with the cyclic collector on, its generation-0 and
+    # -2 passes over the batch in flight (and the id caches) took more than half of the
+    # writer's Python time. Nothing this process keeps forms cycles, so collect rarely,
+    # by hand.
+    gc.disable()
+    next_gc = time.monotonic() + GC_INTERVAL
+
     path, queue_max, retention = argv[0], int(argv[1]), argv[2]
-    log = QueryLog(path, queue_max=queue_max, retention_days=float(retention) if retention else None)
+    # Big transactions: per-commit costs (WAL frames for the index and rollup pages a batch
+    # touches) are paid once per batch, not per row.
+    log = QueryLog(path, queue_max=queue_max, retention_days=float(retention) if retention else None,
+                   batch_max=WRITER_BATCH)
     log.start()
-    submit = log.submit
+    submit_many = log.submit_many
     stream = sys.stdin.buffer
     while True:
         try:
@@ -204,10 +253,12 @@ def main(argv: list[str]) -> int:
             break
         if message is None:
             break
+        if time.monotonic() >= next_gc:
+            gc.collect()
+            next_gc = time.monotonic() + GC_INTERVAL
         kind, payload = message
         if kind == "rows":
-            for record in payload:
-                submit(record)
+            submit_many(payload)
         elif kind == "overflow":
             log.overflow += payload
     return 0 if log.close() else 1
