@@ -25,7 +25,7 @@ class Entry:
     """One cached answer. Immutable after construction except the aged-body memo."""
 
     __slots__ = ("rcode", "counts", "body", "offsets", "ttls", "stored", "expires", "answers_json",
-                 "addrs", "note", "fed_at", "_heads", "_age", "_aged")
+                 "addrs", "note", "fed_at", "live", "_heads", "_age", "_aged")
 
     def __init__(self, rcode: int, an: int, ns: int, ar: int, body: bytes, offsets: list[int],
                  ttls: list[int], ttl: int, now: float, answers_json: str | None,
@@ -43,6 +43,7 @@ class Entry:
         self.addrs = addrs  # (ip, ttl) pairs for the firewall sets
         self.note = note  # e.g. which rebinding addresses were stripped; logged with every use
         self.fed_at = -1e18  # when the firewall sets were last refreshed from this entry
+        self.live = True  # False once the cache has dropped it (answers memoised from it are stale)
         self._age = 0
         self._aged = body
 
@@ -96,6 +97,7 @@ class AnswerCache:
             return None
         if entry.expires <= now:
             del self._data[key]
+            entry.live = False
             self.bytes -= _size(key, entry)
             self.misses += 1
             return None
@@ -109,15 +111,24 @@ class AnswerCache:
         data = self._data
         old = data.get(key)
         if old is not None:
+            old.live = False
             self.bytes -= _size(key, old)
         data[key] = entry
         data.move_to_end(key)
         self.bytes += _size(key, entry)
         while len(data) > self.max_entries or (self.bytes > self.max_bytes and len(data) > 1):
             k, e = data.popitem(last=False)
+            e.live = False
             self.bytes -= _size(k, e)
 
+    def touch(self, key: bytes) -> None:
+        """Count a hit served without `get` (a memoised answer) and keep its LRU place fresh."""
+        self._data.move_to_end(key)
+        self.hits += 1
+
     def clear(self) -> None:
+        for entry in self._data.values():
+            entry.live = False
         self._data.clear()
         self.bytes = 0
 
