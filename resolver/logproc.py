@@ -147,7 +147,9 @@ class ProcessLog:
             if self._out:
                 self._watch_pipe(True)
                 return
-        self._watch_pipe(bool(self._out or self._pending))
+        # Keep the callback only for a backlog of at least a whole slice: a pipe is almost always
+        # writable, so watching it for a few records would spin the loop on tiny hand-overs.
+        self._watch_pipe(bool(self._out) or len(self._pending) >= MAX_BATCH)
 
     def _watch_pipe(self, on: bool) -> None:
         if on == self._watching or self._loop is None or self._fd < 0:
