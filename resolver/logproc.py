@@ -8,7 +8,7 @@ the GIL, the loop then waits for it, and under load the two hand it back and for
 So `serve` runs the same `QueryLog` writer in a child process and feeds it over a
 pipe. The hot path still only appends a tuple to a list (bounded: past ``queue_max``
 records are counted as overflow, never blocking). Every ``FLUSH_INTERVAL`` the event
-loop pickles what accumulated and writes it to a non-blocking pipe; a full pipe keeps
+loop serialises what accumulated (marshal) and writes it to a non-blocking pipe; a full pipe keeps
 the records in the list (still bounded). The child owns the database: batching,
 retention, overflow rows, error reporting on stderr -- everything `QueryLog` does.
 
@@ -23,8 +23,8 @@ import asyncio
 import contextlib
 import fcntl
 import gc
+import marshal
 import os
-import pickle
 import select
 import signal
 import struct
@@ -34,7 +34,7 @@ import time
 from typing import Any
 
 FLUSH_INTERVAL = 0.02
-# Records pickled per hand-over slice: pickling is done on the event loop, so a backlog is
+# Records serialised per hand-over slice: that is done on the event loop, so a backlog is
 # handed over in slices (~1 ms each) rather than in one long stall, and at most
 # MAX_SLICES_PER_FLUSH slices per tick or per pipe-writable callback.
 MAX_BATCH = 5_000
@@ -103,7 +103,12 @@ class ProcessLog:
             self._timer = self._loop.call_later(FLUSH_INTERVAL, self._tick)
 
     def _frame(self, message: object) -> None:
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        # marshal, not pickle: records are tuples of str/bytes/float/int/bool/None, both ends are
+        # the same interpreter, and dumping costs the event loop 0.16 µs a record, not 0.38.
+        try:
+            data = marshal.dumps(message, 4)
+        except ValueError:  # some field of some record is not a plain value: never lose the batch
+            data = marshal.dumps(_plain(message), 4)
         self._out += _LEN.pack(len(data)) + data
 
     def _serialise(self) -> None:
@@ -215,6 +220,16 @@ class ProcessLog:
         return self._proc.pid if self._proc is not None else None
 
 
+_PLAIN = (str, bytes, int, float, bool, type(None))
+
+
+def _plain(value: object) -> object:
+    """``value`` with every container rebuilt and every non-plain leaf turned into its str."""
+    if isinstance(value, tuple | list):
+        return type(value)(_plain(v) for v in value)
+    return value if isinstance(value, _PLAIN) else str(value)
+
+
 def _read_exact(stream: Any, n: int) -> bytes:
     data = stream.read(n)
     if data is None or len(data) < n:
@@ -250,8 +265,8 @@ def main(argv: list[str]) -> int:
     stream = sys.stdin.buffer
     while True:
         try:
-            message = pickle.loads(_read_exact(stream, _read_exact_len(stream)))
-        except (EOFError, OSError, pickle.UnpicklingError):
+            message = marshal.loads(_read_exact(stream, _read_exact_len(stream)))
+        except (EOFError, OSError, ValueError, TypeError):
             break
         if message is None:
             break

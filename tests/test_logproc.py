@@ -1,0 +1,70 @@
+"""The hand-over to the writer process (`resolver.logproc.ProcessLog`): a real child process,
+a real pipe (64 KiB unless it can be grown) and a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import sqlite3
+import time
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+from helpers import wait_until
+
+from resolver import logproc
+from resolver.logproc import ProcessLog
+from resolver.names import text_to_wire
+
+
+def rec(i: int, client: object = "127.0.0.1") -> tuple:
+    return (time.time(), client, "udp", text_to_wire(f"h{i % 50}.example.com"), 1, "allow", "enforce",
+            "*.example.com", 0, '["192.0.2.1"]', bool(i % 2), 0.01, None)
+
+
+def rows(path: Path) -> int:
+    try:
+        with closing(sqlite3.connect(path)) as conn:
+            return conn.execute("SELECT count(*) FROM lookup_rows").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+@pytest.mark.asyncio
+async def test_a_backlog_is_handed_over_while_the_loop_runs(tmp_path: Path) -> None:
+    """Several slices queued at once leave through the pipe-writable callback, not one slice
+    per tick, and every record lands."""
+    path = tmp_path / "log.db"
+    log = ProcessLog(str(path), queue_max=1_000_000, retention_days=None)
+    log.start()
+    n = logproc.MAX_BATCH * 8 + 17
+    for i in range(n):
+        log.submit(rec(i))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while (log._pending or log._out) and loop.time() < deadline:
+        await asyncio.sleep(0.005)
+    assert not log._pending and not log._out, "the backlog was not handed over"
+    assert not log._watching  # nothing left to hand over: the loop is not polling the pipe
+    log.stop_flushing()
+    assert await loop.run_in_executor(None, log.close)
+    assert rows(path) == n
+
+
+@pytest.mark.asyncio
+async def test_a_record_with_a_non_plain_field_is_still_written(tmp_path: Path) -> None:
+    """marshal takes only plain values; a stray object in a record must not cost the batch."""
+    path = tmp_path / "log.db"
+    log = ProcessLog(str(path), retention_days=None)
+    log.start()
+    log.submit(rec(1))
+    log.submit(rec(2, client=ipaddress.ip_address("192.0.2.5")))
+    log.submit(rec(3))
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, lambda: wait_until(lambda: rows(path) == 3, 30, what="three rows"))
+    log.stop_flushing()
+    assert await loop.run_in_executor(None, log.close)
+    with closing(sqlite3.connect(path)) as conn:
+        clients = sorted(r[0] for r in conn.execute("SELECT client FROM lookups"))
+    assert clients == ["127.0.0.1", "127.0.0.1", "192.0.2.5"]
