@@ -47,6 +47,7 @@ _F_SETPIPE_SZ = 1031  # Linux fcntl
 _LEN = struct.Struct("!I")
 GC_INTERVAL = 30.0
 WRITER_BATCH = 20_000
+WRITER_INTERVAL = 0.25  # s; under load a transaction gathers up to this long (or WRITER_BATCH rows)
 
 
 class ProcessLog:
@@ -259,7 +260,7 @@ def main(argv: list[str]) -> int:
     # Big transactions: per-commit costs (WAL frames for the index and rollup pages a batch
     # touches) are paid once per batch, not per row.
     log = QueryLog(path, queue_max=queue_max, retention_days=float(retention) if retention else None,
-                   batch_max=WRITER_BATCH)
+                   batch_max=WRITER_BATCH, batch_interval=WRITER_INTERVAL)
     log.start()
     submit_many = log.submit_many
     stream = sys.stdin.buffer

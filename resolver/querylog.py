@@ -47,6 +47,7 @@ import urllib.parse
 from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import chain
+from math import isfinite
 from typing import Any
 
 import dns.rcode
@@ -308,12 +309,14 @@ class QueryLog:
     """
 
     def __init__(self, path: str, *, queue_max: int = 200_000, retention_days: float | None = 30,
-                 batch_max: int = 5000, prune_interval: float = 60.0) -> None:
+                 batch_max: int = 5000, prune_interval: float = 60.0, batch_interval: float = 0.0) -> None:
         self.path = str(path)
         self.queue_max = queue_max
         self.retention_days = retention_days
         self.batch_max = batch_max
         self.prune_interval = prune_interval
+        self.batch_interval = batch_interval
+        self._last_batch = 0.0
         self.overflow = 0
         self.written = 0
         self.pruned = 0
@@ -331,7 +334,8 @@ class QueryLog:
         self._clients: dict[str, int] = {}
         self._rules: dict[str, int] = {}
         # (client .. rcode) of a record -> its columns; see _convert.
-        self._memo: dict[tuple, tuple[tuple, tuple]] = {}
+        self._memo: dict[tuple, tuple[tuple, tuple, int]] = {}
+        self._combos = 0  # serial number of each mapping, so a batch's counts key on a small int
         self._overflow_saved = 0
         self._next_prune = 0.0
 
@@ -456,7 +460,9 @@ class QueryLog:
                 n = min(len(q), self.batch_max)
                 popleft = q.popleft
                 pending = [popleft() for _ in range(n)]
-                if not pending:
+                if pending:
+                    self._last_batch = time.monotonic()
+                else:
                     self._busy = False
             stuck = False
             if self._conn is None:
@@ -490,12 +496,21 @@ class QueryLog:
                 self._wait(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
                 continue
-            if not pending and not self._q:
-                if self._closing:
+            if not pending:
+                if self._q:
+                    # Under load, gather: a part-full batch waits out the rest of batch_interval.
+                    # Bigger transactions add each (hour, key) count once for many rows and pay
+                    # the commit once; a full batch wakes the writer (submit_many) at once.
+                    wait = 0.0 if self._closing or len(self._q) >= self.batch_max else (
+                        self._last_batch + self.batch_interval - time.monotonic())
+                elif self._closing:
                     break
-                self._wait(IDLE_POLL_S)
-                if not self._closing:
-                    self._wake.clear()
+                else:
+                    wait = IDLE_POLL_S
+                if wait > 0:
+                    self._wait(wait)
+                    if not self._closing:
+                        self._wake.clear()
         self._drop_connection()
 
     def _housekeeping(self) -> None:
@@ -571,6 +586,8 @@ class QueryLog:
                 if len(rec) != _RECORD_LEN:
                     raise ValueError(f"{len(rec)} fields, not {_RECORD_LEN}")
                 ts = float(rec[0])
+                if not isfinite(ts):
+                    raise ValueError(f"timestamp {ts}")
                 middle = rec[1:9]
                 mapped = memo.get(middle)
                 if mapped is None:
@@ -578,7 +595,7 @@ class QueryLog:
                     if not (new_names or new_clients or new_rules):
                         memo[middle] = mapped  # ids minted in this transaction are not final yet
                 row = (ts,) + mapped[0] + rec[9:]
-                key = (ts // bucket, middle)
+                key = (ts // bucket, mapped[2])  # two numbers: cheaper to hash than the record fields
             except (TypeError, ValueError, IndexError, KeyError, AttributeError, OverflowError) as exc:
                 # One malformed record must not wedge the queue behind it forever.
                 self.bad_records += 1
@@ -606,9 +623,9 @@ class QueryLog:
         return out
 
     def _map(self, conn: sqlite3.Connection, middle: tuple, new_names: dict, new_clients: dict,
-             new_rules: dict) -> tuple[tuple, tuple]:
+             new_rules: dict) -> tuple[tuple, tuple, int]:
         """(client, transport, qname, qtype, verdict, mode, rule, rcode) -> the row's columns
-        for them, and the rollup key's columns (without the hour)."""
+        for them, the rollup key's columns (without the hour), and a serial number."""
         client, transport, qname, qtype, verdict, mode, rule, rcode = middle
         names, clients, rules = self._names, self._clients, self._rules
         nid = cid = rid = None
@@ -633,7 +650,8 @@ class QueryLog:
         none = ROLLUP_NULL
         columns = (cid, TRANSPORT_CODES.get(transport), nid, qtype, v, m, rid, rcode)
         key = tuple(none if x is None else x for x in (nid, v, m, cid, rid, rcode))
-        return columns, key
+        self._combos += 1
+        return columns, key, self._combos
 
     @staticmethod
     def _intern(conn: sqlite3.Connection, table: str, column: str, value: str) -> int:

@@ -134,9 +134,13 @@ def test_bad_record_is_skipped_and_does_not_wedge_the_queue(db_path: Path) -> No
     log.start()
     log.submit(("not", "a", "record"))
     log.submit(rec(1))
+    bad_ts = rec(2)
+    for ts in (float("inf"), float("nan"), "soon"):
+        log.submit((ts, *bad_ts[1:]))
+    log.submit(rec(3, qtype=[1]))  # unhashable: cannot be mapped
     assert log.flush(10)
     assert count(db_path) == 1
-    assert log.bad_records == 1
+    assert log.bad_records == 5
     assert log.close()
 
 
