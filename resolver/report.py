@@ -850,11 +850,13 @@ def _newest_matching(db: Database, where: _Where, only: _Where, since: float | N
     if until is not None:
         cond.append("r.hour <= ?")
         params.append(int(until // ROLLUP_SECONDS))
-    hours = [r[0] for r in db.execute(
+    # Stepped lazily along the primary key (hour first, newest first): the scan stops with
+    # the last hour needed instead of visiting the whole rollup.
+    hours = db.execute(
         f"SELECT DISTINCT r.hour FROM lookup_rollup r WHERE {' AND '.join(cond)} ORDER BY r.hour DESC",
-        params).fetchall()]
+        params)
     ids: list[int] = []
-    for hour in hours:
+    for (hour,) in hours:
         inside = where.and_("r.ts >= ? AND r.ts < ?", float(hour * ROLLUP_SECONDS),
                             float((hour + 1) * ROLLUP_SECONDS))
         ids += _ids(db, f"SELECT r.id FROM lookup_rows r WHERE {inside.sql} "
