@@ -46,8 +46,13 @@ Handled = bytes | None | Coroutine[Any, Any, bytes | None]
 _META_TYPES = frozenset((0, 41, *range(128, 255)))
 _MAX_VIEWS = 65_536
 _MAX_DECISIONS = 262_144
-# Whole UDP answers memoised by (client, packet without its ID); see Resolver.handle.
-_MAX_FAST = 32_768
+# Whole UDP answers memoised by (client, packet without its ID); see Resolver.handle. Bounded
+# in entries and, per entry, in bytes: a query padded to 64 KB (an OPT may carry anything) or
+# a big answer is never kept, so the memo holds at most ~16k x 1 KB, and the cache entries it
+# refers to (possibly dropped by the cache meanwhile) hold answers of at most that size too.
+_MAX_FAST = 16_384
+_FAST_QUERY_MAX = 320  # a question with the longest name (255 octets) and an OPT fits
+_FAST_ANSWER_MAX = 640
 # Upstream exchanges in flight at once (one socket each), and client queries waiting on them.
 # Past these, new misses get SERVFAIL at once instead of piling up sockets, tasks and memory
 # behind a slow or dead upstream (a flood of unique -- or identical -- names).
@@ -279,6 +284,8 @@ class Resolver:
 
     def _remember(self, ip: str, data: bytes, resp: bytes, entry: Entry | None, fields: tuple, age: int,
                   key: bytes, note: str | None) -> None:
+        if len(data) > _FAST_QUERY_MAX or len(resp) > _FAST_ANSWER_MAX:
+            return
         fast = self._fast
         if len(fast) >= _MAX_FAST:
             fast.clear()  # bounded: a client cycling through names only costs re-memoising

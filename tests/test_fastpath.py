@@ -5,10 +5,12 @@ cache entry, TTL age)."""
 
 from __future__ import annotations
 
+import dns.edns
 import dns.flags
 import dns.message
 import dns.rcode
 import dns.rdatatype
+import dns.rrset
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_wire import ALLOWED, DENIED, POLICY, queries, reference, upstream_reply
@@ -136,3 +138,24 @@ def test_memo_is_per_client_and_udp_only():
     assert list(resolver._fast) == [(CLIENT, q[2:])]
     refused = dns.message.from_wire(resolver.handle(q, "192.0.2.7", "udp"))
     assert refused.rcode() == dns.rcode.REFUSED
+
+
+def test_padded_queries_and_big_answers_are_not_memoised():
+    """An OPT can pad a query to 64 KB: memoising those would let one client pin gigabytes."""
+    resolver = Resolver(parse_config(POLICY))
+    padded = dns.message.make_query("evil.test", "A", use_edns=0, payload=1232,
+                                    options=[dns.edns.GenericOption(12, b"\x00" * 4000)])
+    denial = resolver.handle(padded.to_wire(max_size=65535), CLIENT, "udp")
+    assert dns.message.from_wire(denial).rcode() == dns.rcode.NXDOMAIN
+    assert not resolver._fast
+    q = dns.message.make_query("www.allowed.test", "TXT", use_edns=0, payload=1232)
+    raw, question, _ = upstream_reply("www.allowed.test", dns.rdatatype.TXT, False)
+    reply = dns.message.from_wire(raw)
+    reply.answer[0].update(dns.rrset.from_text("www.allowed.test.", 600, "IN", "TXT",
+                                               *[f'"{"x" * 200}{i}"' for i in range(4)]))
+    c = clean_reply(reply.to_wire(), question)
+    resolver.cache.put(question + b"\x00", Entry(c.rcode, c.an, c.ns, c.ar, c.body, c.offsets, c.ttls,
+                                                 c.cache_ttl, resolver.cache.clock(), c.answers_json))
+    big = resolver.handle(q.to_wire(), CLIENT, "udp")
+    assert len(big) > 640 and dns.message.from_wire(big).rcode() == dns.rcode.NOERROR
+    assert not resolver._fast
