@@ -99,9 +99,11 @@ class ProcessLog:
         self._timer = self._loop.call_later(FLUSH_INTERVAL, self._tick)
 
     def _tick(self) -> None:
-        self._flush()
-        if self._loop is not None:
-            self._timer = self._loop.call_later(FLUSH_INTERVAL, self._tick)
+        try:
+            self._flush()
+        finally:  # whatever happened, the hand-over goes on
+            if self._loop is not None:
+                self._timer = self._loop.call_later(FLUSH_INTERVAL, self._tick)
 
     def _frame(self, message: object) -> None:
         # marshal, not pickle: records are tuples of str/bytes/float/int/bool/None, both ends are
@@ -120,7 +122,12 @@ class ProcessLog:
             else:
                 batch = self._pending[:MAX_BATCH]
                 del self._pending[:MAX_BATCH]
-            self._frame(("rows", batch))
+            try:
+                self._frame(("rows", batch))
+            except Exception as exc:  # cannot happen for what the server submits; counted if it does
+                self.overflow += len(batch)
+                print(f"dnsguard: lookup log: {len(batch)} records could not be serialised ({exc}); "
+                      f"counted as not logged", file=sys.stderr, flush=True)
         if self.overflow != self._sent_overflow:
             self._frame(("overflow", self.overflow - self._sent_overflow))
             self._sent_overflow = self.overflow
@@ -221,14 +228,20 @@ class ProcessLog:
         return self._proc.pid if self._proc is not None else None
 
 
-_PLAIN = (str, bytes, int, float, bool, type(None))
+_EXACT = frozenset((str, bytes, int, float, bool, type(None)))
 
 
 def _plain(value: object) -> object:
-    """``value`` with every container rebuilt and every non-plain leaf turned into its str."""
+    """``value`` with every container rebuilt as a tuple or list and every leaf of another type
+    (marshal refuses even subclasses such as IntEnum) turned into a plain value or its str."""
+    if type(value) in _EXACT:
+        return value
     if isinstance(value, tuple | list):
-        return type(value)(_plain(v) for v in value)
-    return value if isinstance(value, _PLAIN) else str(value)
+        return (tuple if isinstance(value, tuple) else list)(_plain(v) for v in value)
+    for kind in (bool, int, float, bytes):
+        if isinstance(value, kind):
+            return kind(value)
+    return str.__str__(value) if isinstance(value, str) else str(value)
 
 
 def _read_exact(stream: Any, n: int) -> bytes:

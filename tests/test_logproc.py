@@ -10,6 +10,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 
+import dns.rcode
 import pytest
 from helpers import wait_until
 
@@ -60,11 +61,16 @@ async def test_a_record_with_a_non_plain_field_is_still_written(tmp_path: Path) 
     log.start()
     log.submit(rec(1))
     log.submit(rec(2, client=ipaddress.ip_address("192.0.2.5")))
-    log.submit(rec(3))
+    weird = list(rec(3))
+    weird[8] = dns.rcode.Rcode.NXDOMAIN  # an IntEnum: marshal refuses int subclasses too
+    log.submit(tuple(weird))
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, lambda: wait_until(lambda: rows(path) == 3, 30, what="three rows"))
     log.stop_flushing()
     assert await loop.run_in_executor(None, log.close)
     with closing(sqlite3.connect(path)) as conn:
         clients = sorted(r[0] for r in conn.execute("SELECT client FROM lookups"))
+        rcodes = sorted(r[0] for r in conn.execute("SELECT rcode FROM lookups"))
     assert clients == ["127.0.0.1", "127.0.0.1", "192.0.2.5"]
+    assert rcodes == ["NOERROR", "NOERROR", "NXDOMAIN"]
+    assert log.overflow == 0
