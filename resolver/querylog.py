@@ -47,7 +47,6 @@ import urllib.parse
 from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import chain
-from math import isfinite
 from typing import Any
 
 import dns.rcode
@@ -120,14 +119,19 @@ LEFT JOIN rrtypes t ON t.code = r.qtype
 LEFT JOIN rules u ON u.id = r.rule_id"""
 
 _RECORD_LEN = len(LOG_FIELDS)
+_TS_MAX = 1e11  # seconds since 1970: the year 5138
 _INSERT_ROW = (
     "INSERT INTO lookup_rows (ts, client_id, transport, name_id, qtype, verdict, mode, rule_id,"
     " rcode, answers, cached, latency_ms, note) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
-# SQLite before 3.32 allows only 999 bound parameters per statement.
-_CHUNK_ROWS = 1000 if sqlite3.sqlite_version_info >= (3, 32) else 999 // _RECORD_LEN
-_INSERT_CHUNK = _INSERT_ROW.split(" VALUES ")[0] + " VALUES " + ",".join(
-    ["(" + ",".join("?" * _RECORD_LEN) + ")"] * _CHUNK_ROWS)
+# Rows per multi-row INSERT, at most; fewer where the SQLite build allows fewer bound
+# parameters per statement (999 before 3.32, and any build may lower it).
+_CHUNK_ROWS = 1000
+
+
+def _insert_chunk_sql(rows: int) -> str:
+    return _INSERT_ROW.split(" VALUES ")[0] + " VALUES " + ",".join(
+        ["(" + ",".join("?" * _RECORD_LEN) + ")"] * rows)
 
 
 # ------------------------------------------------------------------------- schema
@@ -183,14 +187,47 @@ _ROLLUP_UPSERT = (
 )
 
 
-def rebuild_rollup(conn: sqlite3.Connection) -> None:
-    """Recompute ``lookup_rollup`` from ``lookup_rows`` (migration, and bulk loaders)."""
+# The hour of ts, rounded down also for times before 1970 (SQLite 3.40 may lack floor()).
+_HOUR_SQL = (f"(CAST(ts / {ROLLUP_SECONDS} AS INTEGER) - (ts < 0 AND "
+             f"CAST(ts / {ROLLUP_SECONDS} AS INTEGER) * {ROLLUP_SECONDS} != ts))")
+
+
+def rollup_rows_after(conn: sqlite3.Connection, after_id: int) -> None:
+    """Add the rows with ``id > after_id`` to ``lookup_rollup`` and move the mark past them."""
     keys = ", ".join(f"coalesce({c}, {ROLLUP_NULL})" for c in ROLLUP_COLUMNS)
-    conn.execute("DELETE FROM lookup_rollup")
     conn.execute(
         f"INSERT INTO lookup_rollup (hour, {', '.join(ROLLUP_COLUMNS)}, n, first, last) "
-        f"SELECT CAST(ts / {ROLLUP_SECONDS} AS INTEGER), {keys}, count(*), min(ts), max(ts) "
-        f"FROM lookup_rows GROUP BY 1, {', '.join(str(i) for i in range(2, 2 + len(ROLLUP_COLUMNS)))}")
+        f"SELECT {_HOUR_SQL}, {keys}, count(*), min(ts), max(ts) FROM lookup_rows WHERE id > ? "
+        f"GROUP BY 1, {', '.join(str(i) for i in range(2, 2 + len(ROLLUP_COLUMNS)))} "
+        "ON CONFLICT (hour, name_id, verdict, mode, client_id, rule_id, rcode) DO UPDATE SET "
+        "n = n + excluded.n, first = min(first, excluded.first), last = max(last, excluded.last)",
+        (after_id,))
+    conn.execute(_MARK_SQL)
+
+
+def rebuild_rollup(conn: sqlite3.Connection) -> None:
+    """Recompute ``lookup_rollup`` from ``lookup_rows`` (migration, and bulk loaders)."""
+    conn.execute("DELETE FROM lookup_rollup")
+    rollup_rows_after(conn, 0)
+
+
+# The highest row id the rollup has counted, moved with every batch. A row above it was
+# written by something that does not keep the rollup (an older dnsguard on this file):
+# ensure_schema counts those when the writer next opens the log.
+_MARK_SQL = "UPDATE lookup_rollup_mark SET last_id = (SELECT coalesce(max(id), 0) FROM lookup_rows)"
+
+
+def _catch_up_rollup(conn: sqlite3.Connection) -> None:
+    mark = conn.execute("SELECT last_id FROM lookup_rollup_mark").fetchone()[0]
+    if conn.execute("SELECT coalesce(max(id), 0) FROM lookup_rows").fetchone()[0] > mark:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            rollup_rows_after(conn, mark)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
 
 def _migrate_to_2(db: Database) -> None:
@@ -206,6 +243,9 @@ def _migrate_to_2(db: Database) -> None:
         " rule_id INTEGER NOT NULL, rcode INTEGER NOT NULL, n INTEGER NOT NULL, first REAL NOT NULL,"
         " last REAL NOT NULL,"
         " PRIMARY KEY (hour, name_id, verdict, mode, client_id, rule_id, rcode)) WITHOUT ROWID")
+    conn.execute("CREATE TABLE IF NOT EXISTS lookup_rollup_mark (last_id INTEGER NOT NULL)")
+    conn.execute("INSERT INTO lookup_rollup_mark (last_id) SELECT 0 WHERE NOT EXISTS "
+                 "(SELECT 1 FROM lookup_rollup_mark)")
     for index in ("ix_lookup_rows_rollup", "ix_lookup_rows_client_ts", "ix_lookup_rows_verdict_ts"):
         conn.execute(f"DROP INDEX IF EXISTS {index}")
     rebuild_rollup(conn)
@@ -239,6 +279,8 @@ def ensure_schema(conn: sqlite3.Connection) -> int:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+    if version == SCHEMA_VERSION:
+        _catch_up_rollup(conn)
     # Refresh the type table when dnspython knows more types than it holds. Only then:
     # a write here would make every reopen fail while someone else holds the lock.
     known = [(int(t), t.name) for t in dns.rdatatype.RdataType]
@@ -336,6 +378,7 @@ class QueryLog:
         # (client .. rcode) of a record -> its columns; see _convert.
         self._memo: dict[tuple, tuple[tuple, tuple, int]] = {}
         self._combos = 0  # serial number of each mapping, so a batch's counts key on a small int
+        self._chunk = (_CHUNK_ROWS, _insert_chunk_sql(_CHUNK_ROWS))
         self._overflow_saved = 0
         self._next_prune = 0.0
 
@@ -468,6 +511,10 @@ class QueryLog:
             if self._conn is None:
                 try:
                     self._conn = open_for_writing(self.path)
+                    limit = self._conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // _RECORD_LEN
+                    if min(limit, _CHUNK_ROWS) != self._chunk[0]:
+                        size = max(1, min(limit, _CHUNK_ROWS))
+                        self._chunk = (size, _insert_chunk_sql(size))
                 except Exception as exc:  # sqlite3/OS errors, or sqlite-utils' own: retried alike
                     self._fail(exc, "cannot open")
                     stuck = True
@@ -531,9 +578,13 @@ class QueryLog:
                 cur = conn.execute(
                     "DELETE FROM lookup_rows WHERE id IN "
                     "(SELECT id FROM lookup_rows WHERE ts < ? LIMIT ?)", (cutoff, PRUNE_CHUNK))
-                # A day of hours at most per turn (a log left alone for months has many).
+                # Only hours no remaining row falls in, so while a backlog is pruned chunk by
+                # chunk the rollup still counts every row left; a day of hours at most per turn
+                # (a log left alone for months has many).
+                oldest = conn.execute("SELECT min(ts) FROM lookup_rows").fetchone()[0]
+                below = hour if oldest is None else min(hour, int(oldest // ROLLUP_SECONDS))
                 hours = conn.execute("DELETE FROM lookup_rollup WHERE hour < ? AND hour < "
-                                     "(SELECT min(hour) FROM lookup_rollup) + 24", (hour,))
+                                     "(SELECT min(hour) FROM lookup_rollup) + 24", (below,))
                 conn.execute("DELETE FROM log_overflow WHERE ts < ?", (cutoff,))
                 conn.execute("DELETE FROM connections WHERE ts < ?", (cutoff,))
             self.pruned += cur.rowcount
@@ -551,11 +602,13 @@ class QueryLog:
         rows = self._convert(conn, batch, new_names, new_clients, new_rules, rollup)
         # Whole chunks through one multi-row INSERT (a third cheaper per row than executemany,
         # which steps and resets the statement once per row); the rest row by row.
-        whole = len(rows) - len(rows) % _CHUNK_ROWS
-        for i in range(0, whole, _CHUNK_ROWS):
-            conn.execute(_INSERT_CHUNK, list(chain.from_iterable(rows[i:i + _CHUNK_ROWS])))
+        size, sql = self._chunk
+        whole = len(rows) - len(rows) % size
+        for i in range(0, whole, size):
+            conn.execute(sql, list(chain.from_iterable(rows[i:i + size])))
         if whole < len(rows):
             conn.executemany(_INSERT_ROW, rows[whole:])
+        conn.execute(_MARK_SQL)
         # The batch's rows and their counts commit together: the rollup never disagrees with them.
         conn.executemany(_ROLLUP_UPSERT, [(*key, *agg) for key, agg in rollup.items()])
         conn.commit()
@@ -586,7 +639,7 @@ class QueryLog:
                 if len(rec) != _RECORD_LEN:
                     raise ValueError(f"{len(rec)} fields, not {_RECORD_LEN}")
                 ts = float(rec[0])
-                if not isfinite(ts):
+                if not 0.0 <= ts < _TS_MAX:  # also NaN; an hour past SQLite's integers would wedge
                     raise ValueError(f"timestamp {ts}")
                 middle = rec[1:9]
                 mapped = memo.get(middle)
@@ -641,10 +694,9 @@ class QueryLog:
             rid = rules.get(rule) or new_rules.get(rule)
             if rid is None:
                 rid = new_rules[rule] = self._intern(conn, "rules", "rule", str(rule))
-        if qtype is not None and not isinstance(qtype, int):
-            raise TypeError(f"qtype {qtype!r}")
-        if rcode is not None and not isinstance(rcode, int):
-            raise TypeError(f"rcode {rcode!r}")
+        for what, code in (("qtype", qtype), ("rcode", rcode)):
+            if code is not None and not (isinstance(code, int) and 0 <= code <= 0xFFFF):
+                raise ValueError(f"{what} {code!r}")
         v = VERDICT_CODES.get(verdict)
         m = MODE_CODES.get(mode)
         none = ROLLUP_NULL

@@ -3,6 +3,7 @@ unwritable-path recovery, retention. Every wait is a condition with a deadline."
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import time
 from contextlib import closing
@@ -138,9 +139,15 @@ def test_bad_record_is_skipped_and_does_not_wedge_the_queue(db_path: Path) -> No
     for ts in (float("inf"), float("nan"), "soon"):
         log.submit((ts, *bad_ts[1:]))
     log.submit(rec(3, qtype=[1]))  # unhashable: cannot be mapped
+    # In range for Python, not for the hour column or SQLite's integers: would fail every retry.
+    log.submit((1e30, *bad_ts[1:]))
+    log.submit(rec(4, qtype=2**63))
+    log.submit(rec(5, rcode=-1))
+    log.submit(rec(6))
     assert log.flush(10)
-    assert count(db_path) == 1
-    assert log.bad_records == 5
+    assert count(db_path) == 2
+    assert log.bad_records == 8
+    assert not log.failing
     assert log.close()
 
 
@@ -260,15 +267,18 @@ def rollup_total(path: Path) -> int:
 
 
 def assert_rollup_matches_rows(path: Path) -> None:
-    """The writer's per-hour counts equal a GROUP BY over the rows they count."""
-    key = ", ".join(f"coalesce({c}, -1)" for c in querylog.ROLLUP_COLUMNS)
+    """The writer's per-hour counts equal a count over the rows they count (computed here, in
+    Python, with the hour rounded down)."""
+    expected: dict[tuple, list] = {}
     with closing(sqlite3.connect(path)) as conn:
         kept = sorted(conn.execute(
             f"SELECT hour, {', '.join(querylog.ROLLUP_COLUMNS)}, n, first, last FROM lookup_rollup"))
-        recount = sorted(conn.execute(
-            f"SELECT CAST(ts / 3600 AS INTEGER), {key}, count(*), min(ts), max(ts) FROM lookup_rows "
-            f"GROUP BY 1, {', '.join(str(i) for i in range(2, 8))}"))
-    assert kept == recount
+        for ts, *key in conn.execute(f"SELECT ts, {', '.join(querylog.ROLLUP_COLUMNS)} FROM lookup_rows"):
+            k = (math.floor(ts / 3600), *(-1 if v is None else v for v in key))
+            agg = expected.setdefault(k, [0, ts, ts])
+            agg[0] += 1
+            agg[1], agg[2] = min(agg[1], ts), max(agg[2], ts)
+    assert kept == sorted((*k, *v) for k, v in expected.items())
 
 
 def test_rollup_counts_every_row_across_batches_hours_and_nulls(db_path: Path) -> None:
@@ -307,7 +317,7 @@ def test_schema_1_log_is_migrated_with_its_rollup(db_path: Path) -> None:
             "INSERT INTO lookup_rows (ts, client_id, transport, name_id, qtype, verdict, mode, rule_id,"
             " rcode, answers, cached, latency_ms, note)"
             " VALUES (?, 1, 0, 1, 1, 0, 0, NULL, 3, NULL, 0, 0.1, NULL)",
-            [(time.time() - 7200 + i,) for i in range(500)])
+            [(time.time() - 7200 + i,) for i in range(500)] + [(-1800.0,)])  # hour -1, not 0
         conn.commit()
     log = QueryLog(str(db_path), retention_days=None)
     log.start()
@@ -317,8 +327,53 @@ def test_schema_1_log_is_migrated_with_its_rollup(db_path: Path) -> None:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         indexes = {r[1] for r in conn.execute("PRAGMA index_list(lookup_rows)")}
     assert indexes == {"ix_lookup_rows_ts"}
-    assert rollup_total(db_path) == 501
+    assert rollup_total(db_path) == 502
+    with closing(sqlite3.connect(db_path)) as conn:
+        assert conn.execute("SELECT hour FROM lookup_rollup WHERE first < 0").fetchall() == [(-1,)]
     assert_rollup_matches_rows(db_path)
+
+
+def test_rows_written_without_the_rollup_are_counted_when_the_writer_reopens(db_path: Path) -> None:
+    """An older dnsguard (schema 1 code) appending to this log writes rows but no rollup; the
+    next writer to open the file counts them, so reports never miss them."""
+    log = QueryLog(str(db_path), retention_days=None)
+    log.start()
+    log.submit(rec(1))
+    assert log.close()
+    with closing(sqlite3.connect(db_path)) as conn:
+        conn.executemany(
+            "INSERT INTO lookup_rows (ts, client_id, transport, name_id, qtype, verdict, mode, rule_id,"
+            " rcode, answers, cached, latency_ms, note)"
+            " VALUES (?, 1, 0, 1, 1, 1, 0, NULL, 0, NULL, 0, 0.1, NULL)",
+            [(time.time() - 5000 + i,) for i in range(7)])
+        conn.commit()
+    assert rollup_total(db_path) == 1
+    log = QueryLog(str(db_path), retention_days=None)
+    log.start()
+    log.submit(rec(2))
+    assert log.close()
+    assert rollup_total(db_path) == 9
+    assert_rollup_matches_rows(db_path)
+
+
+def test_a_lower_bound_parameter_limit_gives_smaller_insert_chunks(db_path: Path, monkeypatch) -> None:
+    opened = querylog.open_for_writing
+
+    def limited(path: str, busy_timeout: float = querylog.BUSY_TIMEOUT_S) -> sqlite3.Connection:
+        conn = opened(path, busy_timeout)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 100)  # 7 rows of 13 columns
+        return conn
+
+    monkeypatch.setattr(querylog, "open_for_writing", limited)
+    log = QueryLog(str(db_path), retention_days=None, batch_max=5000)
+    for i in range(50):
+        log.submit(rec(i, ts=1_700_000_000.0 + i))
+    log.start()
+    assert log.close()
+    assert log._chunk[0] == 7
+    with closing(sqlite3.connect(db_path)) as conn:
+        assert [r[0] for r in conn.execute("SELECT ts FROM lookup_rows ORDER BY id")] == [
+            1_700_000_000.0 + i for i in range(50)]
 
 
 def test_no_retention_keeps_everything(db_path: Path) -> None:
