@@ -140,105 +140,91 @@ _FINDING = {
     },
 }
 
-SUMMARY_SCHEMA: dict = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "$id": SUMMARY_SCHEMA_ID,
-    "title": "dnsguard report (summary)",
-    "type": "object",
-    "required": ["schema", "database", "generated", "window", "filters", "overflow", "totals",
-                 "top_denied", "top_allowed", "upstream_failures", "blocked_connections", "suspicious"],
-    "additionalProperties": False,
-    "properties": {
-        "schema": {"const": SUMMARY_SCHEMA_ID},
-        "database": {"type": "string"},
-        "generated": _TIME,
-        "window": _WINDOW,
-        "filters": _FILTERS,
-        "overflow": _OVERFLOW,
-        "totals": {
-            "type": "object",
-            "required": ["lookups", "allow", "deny", "undecided", "enforce", "audit",
-                         "distinct_names", "distinct_clients", "by_verdict_mode"],
-            "additionalProperties": False,
-            "properties": {
-                "lookups": _COUNT,
-                "allow": _COUNT,
-                "deny": _COUNT,
-                "undecided": {**_COUNT, "description": "lookups with no policy decision: malformed or "
-                              "dropped packets, and clients outside [server] clients (REFUSED)"},
-                "enforce": _COUNT,
-                "audit": _COUNT,
-                "distinct_names": _COUNT,
-                "distinct_clients": _COUNT,
-                "by_verdict_mode": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["verdict", "mode", "count"],
-                        "additionalProperties": False,
-                        "properties": {
-                            "verdict": {"enum": ["allow", "deny", None]},
-                            "mode": {"enum": ["enforce", "audit", None]},
-                            "count": _COUNT,
-                        },
+def _report_schema(schema_id: str, title: str, body: dict) -> dict:
+    """A report document's schema: the head every report shares (see `_head`), then ``body``."""
+    head = {"schema": {"const": schema_id}, "database": {"type": "string"}, "generated": _TIME,
+            "window": _WINDOW, "filters": _FILTERS, "overflow": _OVERFLOW}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": schema_id,
+        "title": title,
+        "type": "object",
+        "required": [*head, *body],
+        "additionalProperties": False,
+        "properties": {**head, **body},
+    }
+
+
+SUMMARY_SCHEMA: dict = _report_schema(SUMMARY_SCHEMA_ID, "dnsguard report (summary)", {
+    "totals": {
+        "type": "object",
+        "required": ["lookups", "allow", "deny", "undecided", "enforce", "audit",
+                     "distinct_names", "distinct_clients", "by_verdict_mode"],
+        "additionalProperties": False,
+        "properties": {
+            "lookups": _COUNT,
+            "allow": _COUNT,
+            "deny": _COUNT,
+            "undecided": {**_COUNT, "description": "lookups with no policy decision: malformed or "
+                          "dropped packets, and clients outside [server] clients (REFUSED)"},
+            "enforce": _COUNT,
+            "audit": _COUNT,
+            "distinct_names": _COUNT,
+            "distinct_clients": _COUNT,
+            "by_verdict_mode": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["verdict", "mode", "count"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "verdict": {"enum": ["allow", "deny", None]},
+                        "mode": {"enum": ["enforce", "audit", None]},
+                        "count": _COUNT,
                     },
                 },
             },
         },
-        "top_denied": {"type": "array", "items": _NAME_STAT},
-        "top_allowed": {"type": "array", "items": _NAME_STAT},
-        "upstream_failures": {
-            "type": "array", "items": _FAILURE,
-            "description": "allowed lookups answered SERVFAIL or NXDOMAIN, by name and rcode",
-        },
-        "blocked_connections": {"type": "array", "items": _CONNECTION},
-        "suspicious": {
-            "type": "array", "items": _FINDING,
-            "description": "exfiltration-shaped names (the same findings `dnsguard learn` leaves out)",
-        },
     },
-}
+    "top_denied": {"type": "array", "items": _NAME_STAT},
+    "top_allowed": {"type": "array", "items": _NAME_STAT},
+    "upstream_failures": {
+        "type": "array", "items": _FAILURE,
+        "description": "allowed lookups answered SERVFAIL or NXDOMAIN, by name and rcode",
+    },
+    "blocked_connections": {"type": "array", "items": _CONNECTION},
+    "suspicious": {
+        "type": "array", "items": _FINDING,
+        "description": "exfiltration-shaped names (the same findings `dnsguard learn` leaves out)",
+    },
+})
 
-NAMES_SCHEMA: dict = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "$id": NAMES_SCHEMA_ID,
-    "title": "dnsguard report names",
-    "type": "object",
-    "required": ["schema", "database", "generated", "window", "filters", "overflow", "names"],
-    "additionalProperties": False,
-    "properties": {
-        "schema": {"const": NAMES_SCHEMA_ID},
-        "database": {"type": "string"},
-        "generated": _TIME,
-        "window": _WINDOW,
-        "filters": _FILTERS,
-        "overflow": _OVERFLOW,
-        "names": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["name", "count", "allow", "deny", "enforce", "audit", "rules",
-                             "rcodes", "clients", "client_count", "first_seen", "last_seen"],
-                "additionalProperties": False,
-                "properties": {
-                    "name": {"type": "string"},
-                    "count": _COUNT,
-                    "allow": _COUNT,
-                    "deny": _COUNT,
-                    "enforce": _COUNT,
-                    "audit": _COUNT,
-                    "rules": {"type": "array", "items": {"type": ["string", "null"]}},
-                    "rcodes": {"type": "object", "additionalProperties": _COUNT,
-                               "description": "rcode mnemonic -> count; 'DROPPED' = no reply sent"},
-                    "clients": _STRINGS,
-                    "client_count": _COUNT,
-                    "first_seen": _TIME,
-                    "last_seen": _TIME,
-                },
+NAMES_SCHEMA: dict = _report_schema(NAMES_SCHEMA_ID, "dnsguard report names", {
+    "names": {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "required": ["name", "count", "allow", "deny", "enforce", "audit", "rules",
+                         "rcodes", "clients", "client_count", "first_seen", "last_seen"],
+            "additionalProperties": False,
+            "properties": {
+                "name": {"type": "string"},
+                "count": _COUNT,
+                "allow": _COUNT,
+                "deny": _COUNT,
+                "enforce": _COUNT,
+                "audit": _COUNT,
+                "rules": {"type": "array", "items": {"type": ["string", "null"]}},
+                "rcodes": {"type": "object", "additionalProperties": _COUNT,
+                           "description": "rcode mnemonic -> count; 'DROPPED' = no reply sent"},
+                "clients": _STRINGS,
+                "client_count": _COUNT,
+                "first_seen": _TIME,
+                "last_seen": _TIME,
             },
         },
     },
-}
+})
 
 # `report tail --format json` prints one such object per line (JSON Lines), so -f can stream.
 LOOKUP_SCHEMA: dict = {
