@@ -33,7 +33,7 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 import pytest
-from helpers import addresses, frame, make_policy, recv_frame, tcp_connect, wait_until
+from helpers import addresses, make_policy, tcp_exchange, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -235,10 +235,8 @@ def test_every_outcome_is_logged_exactly_once(upstream, dnsguard, tmp_path: Path
     assert r.rcode() == dns.rcode.NOERROR
     assert [rrset.rdtype for rrset in r.answer] == [dns.rdatatype.HINFO]
     expected.append((L, "udp", "allowed.test", "ANY", "allow", "enforce", "allowed.test", "NOERROR", 0))
-    with tcp_connect(g.port) as s:
-        s.sendall(frame(query_wire("other.test", "ANY", 0x7777)))
-        reply = recv_frame(s)
-        assert struct.unpack("!H", reply[:2])[0] == 0x7777 and reply[3] & 0x0F == dns.rcode.NOERROR
+    reply = tcp_exchange(query_wire("other.test", "ANY", 0x7777), g.port)
+    assert struct.unpack("!H", reply[:2])[0] == 0x7777 and reply[3] & 0x0F == dns.rcode.NOERROR
     expected.append((L, "tcp", "other.test", "ANY", "allow", "enforce", "other.test", "NOERROR", 0))
 
     t_end = time.time()

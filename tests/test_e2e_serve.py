@@ -27,6 +27,7 @@ from helpers import (
     question_bytes,
     recv_frame,
     tcp_connect,
+    tcp_exchange,
     udp_exchange,
     wait_closed,
 )
@@ -382,12 +383,7 @@ def test_0x20_mixed_case_question_is_echoed_exactly(upstream, dnsguard, kind):
     for use_tcp, use_edns in ((False, False), (False, True), (True, False), (True, True)):
         q = dns.message.make_query(name, "A", use_edns=0 if use_edns else None)
         wire = q.to_wire()
-        if use_tcp:
-            with tcp_connect(g.port) as s:
-                s.sendall(frame(wire))
-                reply = recv_frame(s)
-        else:
-            reply = udp_exchange(wire, g.port)
+        reply = tcp_exchange(wire, g.port) if use_tcp else udp_exchange(wire, g.port)
         assert reply is not None
         assert header(reply)[0] == q.id
         assert question_bytes(reply) == question_bytes(wire), (kind, use_tcp, use_edns)
@@ -450,12 +446,7 @@ def test_malformed_question_gets_formerr(upstream, dnsguard, case):
     g = dnsguard(make_policy([upstream.addr], allow=["allowed.test", "other.test"]))
     wire = MALFORMED[case]
     for use_tcp in (False, True):
-        if use_tcp:
-            with tcp_connect(g.port) as s:
-                s.sendall(frame(wire))
-                reply = recv_frame(s)
-        else:
-            reply = udp_exchange(wire, g.port)
+        reply = tcp_exchange(wire, g.port) if use_tcp else udp_exchange(wire, g.port)
         assert reply is not None, case
         assert len(reply) >= 12
         assert header(reply)[0] == header(wire)[0] and qr_of(reply)
