@@ -158,6 +158,7 @@ def _migrate_to_1(db: Database) -> None:
         ],
         if_not_exists=True,
     )
+    # (Schema 1 as it shipped; schema 2 drops all but the ts index.)
     # Integer-only indexes (cheap to maintain on insert), each led by what a report
     # filters on and ending in ts so a window is a range scan inside it.
     rows = db["lookup_rows"]
