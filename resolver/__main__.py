@@ -1,3 +1,3 @@
-from .cli import main
+from resolver.cli import main
 
 main(prog_name="dnsguard")

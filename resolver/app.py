@@ -15,11 +15,11 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .chain import Resolver
-from .config import Config, load_config, resolv_conf_servers, without_self
-from .errors import DnsguardError
-from .history import record_policy
-from .server import DnsServer
+from resolver.core.errors import DnsguardError
+from resolver.dns.chain import Resolver
+from resolver.dns.server import DnsServer
+from resolver.policy.config import Config, load_config, resolv_conf_servers, without_self
+from resolver.policy.history import record_policy
 
 try:  # uvloop's UDP path costs a fraction of the stock selector loop's per datagram
     import uvloop
@@ -120,7 +120,7 @@ class App:
     async def main(self) -> int:
         cfg = self.config
         if cfg.log.enabled:
-            from .logproc import ProcessLog
+            from resolver.log.logproc import ProcessLog
 
             self.querylog = ProcessLog(cfg.log.database, queue_max=cfg.log.queue_max,
                                        retention_days=cfg.log.retention_days)
@@ -128,7 +128,7 @@ class App:
             # Every policy served is kept, so `dnsguard policy rollback` can restore it byte for byte.
             record_policy(cfg.log.database, cfg.text, cfg.sha256, cfg.path)
         if cfg.firewall.enabled:
-            from .fence import make_feeder
+            from resolver.fence.feeder import make_feeder
 
             self.feeder = make_feeder(cfg, self.querylog)
         self.resolver = Resolver(cfg, submit=self.querylog.submit if self.querylog else None,

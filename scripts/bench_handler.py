@@ -15,10 +15,10 @@ import timeit
 import dns.message
 import dns.rrset
 
-from resolver.cache import Entry
-from resolver.chain import Resolver
-from resolver.config import parse_config
-from resolver.upstream import clean_reply
+from resolver.dns.cache import Entry
+from resolver.dns.chain import Resolver
+from resolver.dns.upstream import clean_reply
+from resolver.policy.config import parse_config
 
 POLICY = '[upstream]\nservers = ["127.0.0.1:9"]\n[allow]\ndomains = ["*.allowed.test"]\n'
 

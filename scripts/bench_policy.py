@@ -92,9 +92,9 @@ def rss_kb() -> int:
 
 
 def measure_one(n: int, lookups: int, repeat: int, use_tracemalloc: bool) -> dict:
-    from resolver.config import load_config
-    from resolver.names import text_to_wire
-    from resolver.policy import Matcher
+    from resolver.core.names import text_to_wire
+    from resolver.policy.config import load_config
+    from resolver.policy.matcher import Matcher
 
     allow, deny = make_rules(n)
     out: dict = {"rules": n + len(deny), "allow": n, "deny": len(deny), "lookups": lookups}

@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from click.testing import CliRunner  # noqa: E402
 
-from resolver import report as rpt  # noqa: E402
-from resolver.cli_report import report as report_cli  # noqa: E402
-from resolver.names import text_to_wire  # noqa: E402
-from resolver.querylog import QueryLog  # noqa: E402
+from resolver.cli.report import report as report_cli  # noqa: E402
+from resolver.core.names import text_to_wire  # noqa: E402
+from resolver.log import report as rpt  # noqa: E402
+from resolver.log.querylog import QueryLog  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gen_lookups  # noqa: E402

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from resolver.querylog import (  # noqa: E402
+from resolver.log.querylog import (  # noqa: E402
     MODE_CODES,
     TRANSPORT_CODES,
     VERDICT_CODES,

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 from helpers import wait_until  # noqa: F401  (one poller for all tests; re-exported for the netns suite)
 
-from resolver.ipsets import open_socket
+from resolver.fence.ipsets import open_socket
 
 PREFIX = "dnsguard-test-"
 _counter = itertools.count(1)

@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from resolver.addrs import embedded_ipv4, is_public, rebinding_filter
+from resolver.core.addrs import embedded_ipv4, is_public, rebinding_filter
 
 PUBLIC = [
     # ordinary internet

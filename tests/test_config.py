@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from resolver.config import PACKAGED_POLICY, load_config, parse_config, parse_hostport
-from resolver.errors import PolicyError
-from resolver.names import text_to_wire
+from resolver.core.errors import PolicyError
+from resolver.core.names import text_to_wire
+from resolver.policy.config import PACKAGED_POLICY, load_config, parse_config, parse_hostport
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -36,9 +36,9 @@ from netns import (
     wait_until,
 )
 
-from resolver import firewall as fw
-from resolver.ipsets import SetFeeder
-from resolver.nflog import NflogRecorder
+from resolver.fence import firewall as fw
+from resolver.fence.ipsets import SetFeeder
+from resolver.fence.nflog import NflogRecorder
 
 pytestmark = pytest.mark.netns
 
@@ -445,7 +445,7 @@ def test_user_mode_redirects_dns_from_loopback(topo, servers, dnsmasq, router, s
 # ------------------------------------------------------------------ the CLI
 
 def _cli(topo: Topology, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env_py = [sys.executable, "-m", "resolver.cli_firewall"]
+    env_py = [sys.executable, "-m", "resolver.cli.firewall"]
     proc = subprocess.run(["ip", "netns", "exec", topo.router, *env_py, *args], capture_output=True,
                           text=True, timeout=60, cwd=REPO, check=False,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -504,7 +504,7 @@ def test_serve_firewall_end_to_end(topo, servers, dnsmasq, router, tmp_path) -> 
             return any(f"listening on {ROUTER_IN4}:53" in ln for ln in lines)
 
         wait_until(ready, 15, what="dnsguard serve to listen")
-        from resolver.config import load_config
+        from resolver.policy.config import load_config
 
         spec = fw.spec_from_config(load_config(policy), sources=[AGENT_NET4, AGENT_NET6])
         fw.apply(spec, router)

@@ -13,11 +13,11 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from resolver import firewall as fw
-from resolver.config import parse_config
-from resolver.ipsets import IPSET_MAX_TIMEOUT, addresses_in_answer, timeout_bounds
-from resolver.names import text_to_wire
-from resolver.nflog import NflogRecorder, parse_packet
+from resolver.core.names import text_to_wire
+from resolver.fence import firewall as fw
+from resolver.fence.ipsets import IPSET_MAX_TIMEOUT, addresses_in_answer, timeout_bounds
+from resolver.fence.nflog import NflogRecorder, parse_packet
+from resolver.policy.config import parse_config
 
 NET4 = ipaddress.ip_network("192.0.2.0/24")
 NET6 = ipaddress.ip_network("2001:db8:a::/64")

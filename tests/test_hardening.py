@@ -10,9 +10,9 @@ import dns.rcode
 import pytest
 
 from resolver.app import ServeOptions, apply_overrides
-from resolver.cache import AnswerCache, Entry
-from resolver.chain import Resolver
-from resolver.config import parse_config, without_self
+from resolver.dns.cache import AnswerCache, Entry
+from resolver.dns.chain import Resolver
+from resolver.policy.config import parse_config, without_self
 
 LONG = ".".join(c * 60 for c in "yxw") + "." + "v" * 55 + ".test"  # 244 characters
 POLICY = f"""
@@ -88,7 +88,7 @@ def test_listen_override_is_checked_against_resolv_conf(monkeypatch):
 @pytest.mark.parametrize("text", ["a = " + "[" * 5000, "[allow]\ndomains = [" + "[" * 3000],
                          ids=["value", "list"])
 def test_absurd_nesting_is_a_policy_error(text):
-    from resolver.errors import PolicyError
+    from resolver.core.errors import PolicyError
 
     with pytest.raises(PolicyError, match="invalid TOML"):
         parse_config(text, "p.toml")

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from resolver import history
-from resolver.cli_learn import policy as policy_group
-from resolver.names import text_to_wire
-from resolver.querylog import QueryLog, open_for_writing
+from resolver.cli.learn import policy as policy_group
+from resolver.core.names import text_to_wire
+from resolver.log.querylog import QueryLog, open_for_writing
+from resolver.policy import history
 
 T0 = 1_700_000_000.0
 V1 = '# v1\nmode = "enforce"\n[allow]\ndomains = ["pypi.org"]\n'

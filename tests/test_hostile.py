@@ -12,9 +12,9 @@ from __future__ import annotations
 import dnslib
 import pytest
 
-from resolver import wire
-from resolver.chain import Resolver
-from resolver.config import parse_config
+from resolver.dns import wire
+from resolver.dns.chain import Resolver
+from resolver.policy.config import parse_config
 
 POLICY = """
 [upstream]

@@ -17,12 +17,12 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resolver import learn
-from resolver.cli_learn import learn as learn_cmd
-from resolver.config import parse_config
-from resolver.names import text_to_wire
-from resolver.querylog import QueryLog
-from resolver.suspicious import wildcard_ok
+from resolver.cli.learn import learn as learn_cmd
+from resolver.core.names import text_to_wire
+from resolver.log.querylog import QueryLog
+from resolver.policy import learn
+from resolver.policy.config import parse_config
+from resolver.policy.suspicious import wildcard_ok
 
 T0 = 1_700_000_000.0   # 2023-11-14T22:13:20Z
 A, CNAME, AAAA, TXT = 1, 5, 28, 16

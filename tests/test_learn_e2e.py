@@ -22,11 +22,11 @@ import pytest
 from click.testing import CliRunner
 from helpers import wait_until
 
-from resolver.cli_learn import learn as learn_cmd
-from resolver.cli_learn import policy as policy_cmd
-from resolver.config import parse_config
-from resolver.history import write_atomic
-from resolver.names import text_to_wire
+from resolver.cli.learn import learn as learn_cmd
+from resolver.cli.learn import policy as policy_cmd
+from resolver.core.names import text_to_wire
+from resolver.policy.config import parse_config
+from resolver.policy.history import write_atomic
 
 # dnsmasq answers these (conftest's default records; example.test covers every subdomain).
 GOOD_WORKLOAD: list[tuple[str, str]] = [

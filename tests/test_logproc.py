@@ -14,9 +14,9 @@ import dns.rcode
 import pytest
 from helpers import wait_until
 
-from resolver import logproc
-from resolver.logproc import ProcessLog
-from resolver.names import text_to_wire
+from resolver.core.names import text_to_wire
+from resolver.log import logproc
+from resolver.log.logproc import ProcessLog
 
 
 def rec(i: int, client: object = "127.0.0.1") -> tuple:

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from resolver.names import normalise, text_to_wire, wire_to_text
+from resolver.core.names import normalise, text_to_wire, wire_to_text
 
 
 @pytest.mark.parametrize(("text", "wire"), [

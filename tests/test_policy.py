@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resolver.names import text_to_wire, wire_labels
-from resolver.policy import Matcher, RuleError, compile_rule
+from resolver.core.names import text_to_wire, wire_labels
+from resolver.policy.matcher import Matcher, RuleError, compile_rule
 
 
 def decide(m: Matcher, name: str | bytes):

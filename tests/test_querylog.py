@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from helpers import wait_until
 
-from resolver import querylog
-from resolver.model import LOG_FIELDS
-from resolver.names import text_to_wire
-from resolver.querylog import SCHEMA_VERSION, QueryLog
+from resolver.core.model import LOG_FIELDS
+from resolver.core.names import text_to_wire
+from resolver.log import querylog
+from resolver.log.querylog import SCHEMA_VERSION, QueryLog
 
 # A submit that touched the locked database would wait out SQLite's busy timeout each time:
 # 300 of them would take >= 15 s. Allowing 1 s (not microseconds) keeps a loaded CI machine,

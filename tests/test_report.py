@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from resolver import report as rpt
-from resolver.cli_report import report as report_cli
-from resolver.names import text_to_wire
-from resolver.querylog import QueryLog
+from resolver.cli.report import report as report_cli
+from resolver.core.names import text_to_wire
+from resolver.log import report as rpt
+from resolver.log.querylog import QueryLog
 
 REPO = Path(__file__).resolve().parent.parent
 NOW = 1_700_000_000.0  # 2023-11-14T22:13:20Z; every window below is relative to it
@@ -430,7 +430,7 @@ def test_tail_follow_prints_new_rows_and_stops_cleanly_on_ctrl_c(tmp_path: Path)
     log.start()
     log.submit(R(0, "first.example.org", A, "allow"))
     assert log.flush(10)
-    code = ("import sys; from resolver.cli_report import report; "
+    code = ("import sys; from resolver.cli.report import report; "
             "report(sys.argv[1:], prog_name='dnsguard report')")
     with subprocess.Popen(
         [sys.executable, "-c", code, "--db", str(path), "tail", "-f", "--interval", "0.05",

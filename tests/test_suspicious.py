@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resolver.suspicious import (
+from resolver.policy.suspicious import (
     Observation,
     Thresholds,
     detect,

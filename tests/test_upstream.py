@@ -11,9 +11,9 @@ import dns.name
 import pytest
 from nameserver import POISON_ADDRESS, big_a_rrset_records
 
-from resolver import wire
-from resolver.errors import UpstreamError
-from resolver.upstream import Cleaner, Upstream
+from resolver.core.errors import UpstreamError
+from resolver.dns import wire
+from resolver.dns.upstream import Cleaner, Upstream
 
 RECORDS = {"www.up.test.": {"A": "192.0.2.10"}}
 

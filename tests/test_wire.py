@@ -21,11 +21,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resolver import wire
-from resolver.cache import Entry
-from resolver.chain import Resolver
-from resolver.config import parse_config
-from resolver.upstream import clean_reply
+from resolver.dns import wire
+from resolver.dns.cache import Entry
+from resolver.dns.chain import Resolver
+from resolver.dns.upstream import clean_reply
+from resolver.policy.config import parse_config
 
 POLICY = """
 [upstream]

@@ -30,13 +30,13 @@ import traceback
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from . import wire
-from .cache import AnswerCache, Entry
-from .config import ClientPolicy, Config
-from .errors import UpstreamError
-from .model import Decision
-from .policy import Matcher
-from .upstream import Cleaner, Upstream
+from resolver.core.errors import UpstreamError
+from resolver.core.model import Decision
+from resolver.dns import wire
+from resolver.dns.cache import AnswerCache, Entry
+from resolver.dns.upstream import Cleaner, Upstream
+from resolver.policy.config import ClientPolicy, Config
+from resolver.policy.matcher import Matcher
 
 Submit = Callable[[tuple], None]
 Handled = bytes | None | Coroutine[Any, Any, bytes | None]

@@ -13,8 +13,8 @@ from typing import Any
 
 import click
 
-from . import report as rpt
-from .cli_common import DEFAULT_DB, run_command
+from resolver.cli.common import DEFAULT_DB, run_command
+from resolver.log import report as rpt
 
 DEFAULT_SINCE = "24h"
 FORMATS = ("table", "json", "csv")

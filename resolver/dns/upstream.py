@@ -36,10 +36,10 @@ import dns.rdtypes.svcbbase
 import dns.renderer
 import dns.rrset
 
-from . import wire
-from .addrs import is_public, rebinding_filter
-from .errors import UpstreamError
-from .names import wire_to_text
+from resolver.core.addrs import is_public, rebinding_filter
+from resolver.core.errors import UpstreamError
+from resolver.core.names import wire_to_text
+from resolver.dns import wire
 
 HostPort = tuple[str, int]
 _RETRY_RCODES = frozenset((wire.SERVFAIL, wire.REFUSED, wire.NOTIMP, wire.FORMERR))

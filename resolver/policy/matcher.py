@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .model import DEFAULT_DENY, Decision
-from .names import text_to_wire
+from resolver.core.model import DEFAULT_DENY, Decision
+from resolver.core.names import text_to_wire
 
 
 class RuleError(ValueError):

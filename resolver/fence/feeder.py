@@ -13,13 +13,20 @@ name instead of one per answer.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Protocol
 
-from .cache import Entry
-from .config import Config
-from .ipsets import SetFeeder
+from resolver.fence.ipsets import SetFeeder
+from resolver.policy.config import Config
 
 REFRESH_INTERVAL = 1.0
+
+
+class Fed(Protocol):
+    """What the fence reads of a cache entry (``resolver.dns.cache.Entry``), a sibling layer's type."""
+
+    fed_at: float
+    stored: float
+    addrs: tuple[tuple[str, int], ...]
 
 
 class Fence:
@@ -28,7 +35,7 @@ class Fence:
         self.recorder = recorder
         self.refresh = refresh
 
-    def feed(self, entry: Entry, qname: bytes, now: float) -> None:
+    def feed(self, entry: Fed, qname: bytes, now: float) -> None:
         if now - entry.fed_at < self.refresh:
             return
         entry.fed_at = now
@@ -49,7 +56,7 @@ def make_feeder(config: Config, querylog: Any = None) -> Fence:
     feeder.ensure_sets()
     recorder = None
     if config.log.enabled:
-        from .nflog import NflogError, NflogRecorder
+        from resolver.fence.nflog import NflogError, NflogRecorder
 
         recorder = NflogRecorder(config.log.database, name_of=feeder.names.get)
         try:

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from .errors import DnsguardError
+from resolver.core.errors import DnsguardError
 
 __all__ = [
     "DEFAULT_SET4",

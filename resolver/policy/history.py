@@ -23,9 +23,9 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from .config import parse_config
-from .errors import DnsguardError, PolicyError
-from .querylog import VERDICT_CODES, open_readonly
+from resolver.core.errors import DnsguardError, PolicyError
+from resolver.core.logdb import VERDICT_CODES, open_readonly
+from resolver.policy.config import parse_config
 
 # record_policy runs on serve's event loop (start and reload): it must never stall DNS
 # for long, so a busy database costs at most this much before the record is given up.

@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .chain import Resolver
-from .config import Config, HostPort
+from resolver.dns.chain import Resolver
+from resolver.policy.config import Config, HostPort
 
 
 def _format_listen(host: str, port: int) -> str:

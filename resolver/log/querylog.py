@@ -38,12 +38,10 @@ base table ``lookup_rows`` holds only integers, reals and the rarely-present tex
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import sys
 import threading
 import time
-import urllib.parse
 from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import chain
@@ -53,8 +51,9 @@ import dns.rcode
 import dns.rdatatype
 from sqlite_utils import Database
 
-from .model import LOG_FIELDS
-from .names import wire_to_text
+from resolver.core.logdb import MODE_CODES, TRANSPORT_CODES, VERDICT_CODES
+from resolver.core.model import LOG_FIELDS
+from resolver.core.names import wire_to_text
 
 SCHEMA_VERSION = 2
 
@@ -81,9 +80,6 @@ ROLLUP_SECONDS = 3600
 # as distinct, so a NULL key column (default deny has no rule, a malformed packet no name)
 # is stored as this value there; readers map it back with nullif().
 ROLLUP_NULL = -1
-TRANSPORT_CODES = {"udp": 0, "tcp": 1}
-VERDICT_CODES = {"allow": 1, "deny": 0}
-MODE_CODES = {"enforce": 0, "audit": 1}
 
 
 def _case(column: str, mapping: dict[str, int]) -> str:
@@ -289,42 +285,6 @@ def ensure_schema(conn: sqlite3.Connection) -> int:
         conn.executemany("INSERT OR REPLACE INTO rrtypes (code, mnemonic) VALUES (?, ?)", known)
         conn.commit()
     return version
-
-
-def window(since: float | None, until: float | None, column: str = "ts") -> tuple[list[str], list[object]]:
-    """SQL conditions and parameters for the half-open time window ``[since, until)``."""
-    cond: list[str] = []
-    params: list[object] = []
-    if since is not None:
-        cond.append(f"{column} >= ?")
-        params.append(since)
-    if until is not None:
-        cond.append(f"{column} < ?")
-        params.append(until)
-    return cond, params
-
-
-def open_readonly(path: str, required_table: str, error: type[Exception], *, missing_file: str,
-                  missing_table: str, timeout: float = 2.0) -> sqlite3.Connection:
-    """Open a dnsguard database read-only (``mode=ro``): safe while `serve` writes to it.
-
-    Problems are raised as ``error`` (the caller's DnsguardError subclass) with the caller's
-    own wording: ``missing_file`` when there is no file, ``missing_table`` when the file has
-    no ``required_table``.
-    """
-    if not os.path.exists(path):
-        raise error(missing_file)
-    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
-    try:
-        conn = sqlite3.connect(uri, uri=True, timeout=timeout, check_same_thread=False)
-        tables = {r[0] for r in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
-    except sqlite3.Error as exc:
-        raise error(f"cannot read {path}: {exc}") from None
-    if required_table not in tables:
-        conn.close()
-        raise error(missing_table)
-    return conn
 
 
 def open_for_writing(path: str, busy_timeout: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:

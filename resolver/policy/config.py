@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import PolicyError
-from .policy import Matcher, RuleError, compile_rule
+from resolver.core.errors import PolicyError
+from resolver.policy.matcher import Matcher, RuleError, compile_rule
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 HostPort = tuple[str, int]

@@ -53,9 +53,9 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from .errors import DnsguardError
-from .ipsets import DEFAULT_SET4, DEFAULT_SET6, IpsetError, SetFeeder, SetInfo, open_socket
-from .nflog import DEFAULT_GROUP, PREFIX_AUDIT, PREFIX_BLOCKED
+from resolver.core.errors import DnsguardError
+from resolver.fence.ipsets import DEFAULT_SET4, DEFAULT_SET6, IpsetError, SetFeeder, SetInfo, open_socket
+from resolver.fence.nflog import DEFAULT_GROUP, PREFIX_AUDIT, PREFIX_BLOCKED
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 HostPort = tuple[str, int]

@@ -10,10 +10,10 @@ import sys
 
 import click
 
-from . import __version__
-from .config import default_policy_path, load_config, parse_hostport
-from .errors import DnsguardError
-from .names import text_to_wire
+from resolver import __version__
+from resolver.core.errors import DnsguardError
+from resolver.core.names import text_to_wire
+from resolver.policy.config import default_policy_path, load_config, parse_hostport
 
 
 def _hostports(values: tuple[str, ...], default_port: int) -> tuple[tuple[str, int], ...]:
@@ -61,7 +61,7 @@ def serve(policy_path: str | None, listen: tuple[str, ...], mode: str | None, up
 
         dig @127.0.0.1 -p 5353 pypi.org
     """
-    from .app import ServeOptions, run
+    from resolver.app import ServeOptions, run
 
     opts = ServeOptions(
         policy_path=policy_path or str(default_policy_path()),
@@ -97,7 +97,7 @@ def check(name: str | None, policy_path: str | None, client: str) -> None:
 
         dnsguard check pypi.org --policy policy.toml
     """
-    from .chain import Resolver
+    from resolver.dns.chain import Resolver
 
     path = policy_path or str(default_policy_path())
     try:
@@ -126,9 +126,9 @@ def check(name: str | None, policy_path: str | None, client: str) -> None:
 
 def _register() -> None:
     # Command groups live beside the library code they wrap; the CLI only collects them.
-    from .cli_firewall import firewall
-    from .cli_learn import learn, policy
-    from .cli_report import report
+    from resolver.cli.firewall import firewall
+    from resolver.cli.learn import learn, policy
+    from resolver.cli.report import report
 
     main.add_command(report)
     main.add_command(learn)

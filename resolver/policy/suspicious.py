@@ -32,7 +32,7 @@ from functools import lru_cache
 
 from publicsuffixlist import PublicSuffixList
 
-from .names import label_to_text, text_to_wire, wire_labels
+from resolver.core.names import label_to_text, text_to_wire, wire_labels
 
 __all__ = [
     "DEFAULT_THRESHOLDS", "Finding", "Observation", "Thresholds", "detect", "flagged_names",

@@ -81,7 +81,7 @@ class ProcessLog:
         # with threads and a loop) in its own session, so a Ctrl-C to the terminal's process
         # group reaches only the server, which then hands over the last records itself.
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "resolver.logproc", self.path, str(self.queue_max),
+            [sys.executable, "-m", "resolver.log.logproc", self.path, str(self.queue_max),
              "" if self.retention_days is None else str(self.retention_days)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True, start_new_session=True,
             cwd=os.getcwd())
@@ -252,7 +252,7 @@ def _read_exact(stream: Any, n: int) -> bytes:
 
 
 def main(argv: list[str]) -> int:
-    """The writer process: `python -m resolver.logproc DB QUEUE_MAX RETENTION_DAYS`, frames on stdin."""
+    """The writer process: `python -m resolver.log.logproc DB QUEUE_MAX RETENTION_DAYS`, frames on stdin."""
     # The server decides when we stop (it sends None, or goes away and we see end-of-file).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -260,7 +260,7 @@ def main(argv: list[str]) -> int:
     # and a backlog here is bounded and counted.
     with contextlib.suppress(OSError):
         os.nice(10)
-    from .querylog import QueryLog
+    from resolver.log.querylog import QueryLog
 
     # Every row allocates tuples, and with the cyclic collector on, its generation-0 and
     # -2 passes over the batch in flight (and the id caches) took more than half of the

@@ -11,10 +11,10 @@ import time
 
 import click
 
-from . import history
-from . import learn as lrn
-from .cli_common import DEFAULT_DB, run_command
-from .config import load_config
+from resolver.cli.common import DEFAULT_DB, run_command
+from resolver.policy import history
+from resolver.policy import learn as lrn
+from resolver.policy.config import load_config
 
 _run = run_command
 
@@ -22,7 +22,7 @@ _run = run_command
 def _when(text: str | None, now: float) -> float | None:
     if not text:
         return None
-    from .report import parse_when  # the same time syntax as `dnsguard report`
+    from resolver.log.report import parse_when  # the same time syntax as `dnsguard report`
 
     return parse_when(text, now)
 
@@ -209,7 +209,7 @@ def rollback_cmd(version: int, db: str, policy_path: str | None) -> None:
     _run(go)
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m resolver.cli_learn` before registration
+if __name__ == "__main__":  # pragma: no cover - `python -m resolver.cli.learn` before registration
     @click.group()
     def _main() -> None:
         pass

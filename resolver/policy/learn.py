@@ -49,12 +49,12 @@ import dns.rdatatype
 import tomlkit
 from tomlkit.items import AoT, Array, Table
 
-from . import suspicious
-from .config import Config, parse_config
-from .errors import DnsguardError, PolicyError
-from .names import text_to_wire
-from .policy import Matcher, compile_rule
-from .querylog import MODE_CODES, VERDICT_CODES, open_readonly, window
+from resolver.core.errors import DnsguardError, PolicyError
+from resolver.core.logdb import MODE_CODES, VERDICT_CODES, open_readonly, window
+from resolver.core.names import text_to_wire
+from resolver.policy import suspicious
+from resolver.policy.config import Config, parse_config
+from resolver.policy.matcher import Matcher, compile_rule
 
 DEFAULT_COLLAPSE_THRESHOLD = 10
 TOP = None  # the section key of the top-level [allow] list; named clients use their name

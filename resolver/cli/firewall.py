@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .errors import DnsguardError
+from resolver.core.errors import DnsguardError
 
 
 def _fail(exc: Exception) -> click.ClickException:
@@ -18,7 +18,7 @@ def _fail(exc: Exception) -> click.ClickException:
 def _config(policy_path: str | None, listen: tuple[str, ...]) -> Any:
     from dataclasses import replace
 
-    from .config import default_policy_path, load_config, parse_hostport
+    from resolver.policy.config import default_policy_path, load_config, parse_hostport
 
     cfg = load_config(policy_path or str(default_policy_path()))
     if listen:
@@ -32,7 +32,7 @@ def _config(policy_path: str | None, listen: tuple[str, ...]) -> Any:
 
 def _spec(cfg: Any, source: tuple[str, ...], interface: tuple[str, ...], user: str | None, audit: bool,
           ports: str | None, nflog_group: int, loopback: bool) -> Any:
-    from .firewall import parse_ports, spec_from_config
+    from resolver.fence.firewall import parse_ports, spec_from_config
 
     if user and (source or interface):
         raise click.UsageError("use either --user (this host's processes) or --source/--interface "
@@ -113,7 +113,7 @@ def apply(source: tuple[str, ...], interface: tuple[str, ...], user: str | None,
 
         dnsguard firewall apply --source 172.17.0.0/16 --policy policy.toml --dry-run
     """
-    from . import firewall as fw
+    from resolver.fence import firewall as fw
 
     try:
         cfg = _config(policy_path, listen)
@@ -143,7 +143,7 @@ def remove(netns: str | None, keep_sets: bool, dry_run: bool) -> None:
 
         dnsguard firewall remove
     """
-    from . import firewall as fw
+    from resolver.fence import firewall as fw
 
     try:
         runner = fw.Runner(netns)
@@ -173,7 +173,7 @@ def status(source: tuple[str, ...], interface: tuple[str, ...], user: str | None
 
         dnsguard firewall status --source 172.17.0.0/16
     """
-    from . import firewall as fw
+    from resolver.fence import firewall as fw
 
     try:
         cfg = _config(policy_path, listen)
@@ -199,7 +199,7 @@ def show(source: tuple[str, ...], interface: tuple[str, ...], user: str | None, 
 
         dnsguard firewall show --user agent --family 4
     """
-    from . import firewall as fw
+    from resolver.fence import firewall as fw
 
     try:
         cfg = _config(policy_path, listen)
@@ -214,5 +214,5 @@ def show(source: tuple[str, ...], interface: tuple[str, ...], user: str | None, 
         click.echo(f"# note: {note}")
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m resolver.cli_firewall`
+if __name__ == "__main__":  # pragma: no cover - `python -m resolver.cli.firewall`
     firewall(prog_name="dnsguard firewall")

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from .errors import DnsguardError
+from resolver.core.errors import DnsguardError
 
 __all__ = [
     "CONNECTIONS_SQL",
@@ -131,7 +131,7 @@ def _config_msg(group: int, seq: int, *attrs: bytes) -> bytes:
 
 
 def _open_netlink(netns: str | None) -> socket.socket:
-    from .ipsets import open_socket
+    from resolver.fence.ipsets import open_socket
 
     return open_socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER, netns=netns)
 
@@ -338,7 +338,7 @@ class NflogRecorder:
         if name is None:
             return None
         if isinstance(name, bytes):  # lower-cased wire form from the query path
-            from .names import wire_to_text
+            from resolver.core.names import wire_to_text
 
             try:
                 return wire_to_text(name)

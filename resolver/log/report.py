@@ -1,7 +1,7 @@
 """Read the lookup log: summaries, per-name listings and the recent tail.
 
 Everything here returns plain data (dicts, lists, str, int, float, None) so the CLI
-(``resolver.cli_report``) only formats it, and the JSON output is exactly these values.
+(``resolver.cli.report``) only formats it, and the JSON output is exactly these values.
 The JSON shapes are fixed by the schemas below (JSON Schema 2020-12); add fields only
 by bumping the ``schema`` string.
 
@@ -26,18 +26,11 @@ from datetime import UTC, datetime
 import dns.rcode
 from sqlite_utils import Database
 
-from . import suspicious
-from .errors import DnsguardError
-from .names import normalise
-from .querylog import (
-    MODE_CODES,
-    ROLLUP_COLUMNS,
-    ROLLUP_NULL,
-    ROLLUP_SECONDS,
-    VERDICT_CODES,
-    open_readonly,
-    window,
-)
+from resolver.core.errors import DnsguardError
+from resolver.core.logdb import MODE_CODES, VERDICT_CODES, open_readonly, window
+from resolver.core.names import normalise
+from resolver.log.querylog import ROLLUP_COLUMNS, ROLLUP_NULL, ROLLUP_SECONDS
+from resolver.policy import suspicious
 
 SUMMARY_SCHEMA_ID = "dnsguard-report-summary/1"
 NAMES_SCHEMA_ID = "dnsguard-report-names/1"

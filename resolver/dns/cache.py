@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from . import wire
+from resolver.dns import wire
 
 
 class Entry:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import click
 
-from .errors import DnsguardError
+from resolver.core.errors import DnsguardError
 
 DEFAULT_DB = "dnsguard.db"
 
