@@ -30,7 +30,8 @@ def test_an_upward_import_is_caught(tmp_path: Path) -> None:
     bad = tmp_path / "resolver" / "core" / "model.py"
     bad.write_text(bad.read_text() + "\nfrom resolver.cli import main  # noqa: E402\n")
     env = {"PYTHONPATH": str(tmp_path), "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"}
-    proc = subprocess.run([exe, "--no-cache"], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run([exe, "--no-cache"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env=env)
     assert proc.returncode != 0
     assert "BROKEN" in proc.stdout or "broken" in proc.stdout
 

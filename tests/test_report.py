@@ -511,7 +511,7 @@ def test_rollup_windows_equal_counting_every_row(spread_db: Path, monkeypatch) -
             n = rng.choice([1, 7, 50])
             both = []
             for rollup in (True, False):
-                monkeypatch.setattr(rpt, "_has_rollup", lambda db, rollup=rollup: rollup)
+                monkeypatch.setattr(rpt.query, "_has_rollup", lambda db, rollup=rollup: rollup)
                 both.append((rpt.summary(database, since=since, until=until, filters=filters, now=NOW),
                              rpt.names(database, since=since, until=until, filters=filters, now=NOW,
                                        limit=None),
