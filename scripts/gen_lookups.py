@@ -26,13 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from resolver.log.querylog import (  # noqa: E402
-    MODE_CODES,
-    TRANSPORT_CODES,
-    VERDICT_CODES,
-    open_for_writing,
-    rebuild_rollup,
-)
+from resolver.core.logdb import MODE_CODES, TRANSPORT_CODES, VERDICT_CODES  # noqa: E402
+from resolver.log.schema import open_for_writing, rebuild_rollup  # noqa: E402
 
 ALLOWED_EXACT = [
     "pypi.org", "files.pythonhosted.org", "github.com", "api.github.com", "codeload.github.com",

@@ -17,7 +17,8 @@ from click.testing import CliRunner
 
 from resolver.cli.learn import policy as policy_group
 from resolver.core.names import text_to_wire
-from resolver.log.querylog import QueryLog, open_for_writing
+from resolver.log.querylog import QueryLog
+from resolver.log.schema import open_for_writing
 from resolver.policy import history
 
 T0 = 1_700_000_000.0

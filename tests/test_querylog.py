@@ -14,14 +14,15 @@ from helpers import wait_until
 
 from resolver.core.model import LOG_FIELDS
 from resolver.core.names import text_to_wire
-from resolver.log import querylog
-from resolver.log.querylog import SCHEMA_VERSION, QueryLog
+from resolver.log import querylog, schema
+from resolver.log.querylog import QueryLog
+from resolver.log.schema import SCHEMA_VERSION
 
 # A submit that touched the locked database would wait out SQLite's busy timeout each time:
 # 300 of them would take >= 15 s. Allowing 1 s (not microseconds) keeps a loaded CI machine,
 # which may deschedule the test for a while, from failing it.
 SUBMITS_WHILE_LOCKED = 300
-BUSY_BOUND = min(1.0, SUBMITS_WHILE_LOCKED * querylog.BUSY_TIMEOUT_S / 15)
+BUSY_BOUND = min(1.0, SUBMITS_WHILE_LOCKED * schema.BUSY_TIMEOUT_S / 15)
 CONTRACT_COLUMNS = ["id", "ts", "time", "client", "transport", "qname", "qtype", "verdict", "mode",
                     "rule", "rcode", "answers", "cached", "latency_ms", "note"]
 
@@ -58,7 +59,7 @@ def test_writes_exactly_n_rows_across_batches(db_path: Path, batch_max: int) -> 
     """Small batches go row by row; big ones mostly through multi-row INSERT chunks plus a
     row-by-row remainder: both keep every field of every record, in order."""
     log = QueryLog(str(db_path), batch_max=batch_max, retention_days=None)
-    n = querylog._CHUNK_ROWS * 2 + 234
+    n = schema._CHUNK_ROWS * 2 + 234
     for i in range(n):
         log.submit(rec(i, ts=1_700_000_000.0 + i, name=f"host{i % 37}.example.com", latency_ms=i / 8,
                        cached=bool(i % 2), answers=f'["192.0.2.{i % 250}"]'))
@@ -272,8 +273,8 @@ def assert_rollup_matches_rows(path: Path) -> None:
     expected: dict[tuple, list] = {}
     with closing(sqlite3.connect(path)) as conn:
         kept = sorted(conn.execute(
-            f"SELECT hour, {', '.join(querylog.ROLLUP_COLUMNS)}, n, first, last FROM lookup_rollup"))
-        for ts, *key in conn.execute(f"SELECT ts, {', '.join(querylog.ROLLUP_COLUMNS)} FROM lookup_rows"):
+            f"SELECT hour, {', '.join(schema.ROLLUP_COLUMNS)}, n, first, last FROM lookup_rollup"))
+        for ts, *key in conn.execute(f"SELECT ts, {', '.join(schema.ROLLUP_COLUMNS)} FROM lookup_rows"):
             k = (math.floor(ts / 3600), *(-1 if v is None else v for v in key))
             agg = expected.setdefault(k, [0, ts, ts])
             agg[0] += 1
@@ -309,7 +310,7 @@ def test_schema_1_log_is_migrated_with_its_rollup(db_path: Path) -> None:
     from sqlite_utils import Database
 
     with closing(sqlite3.connect(db_path)) as conn:
-        querylog.MIGRATIONS[0](Database(conn))
+        schema.MIGRATIONS[0](Database(conn))
         conn.execute("PRAGMA user_version = 1")
         conn.execute("INSERT INTO names (id, name) VALUES (1, 'old.example')")
         conn.execute("INSERT INTO clients (id, addr) VALUES (1, '127.0.0.1')")
@@ -359,7 +360,7 @@ def test_rows_written_without_the_rollup_are_counted_when_the_writer_reopens(db_
 def test_a_lower_bound_parameter_limit_gives_smaller_insert_chunks(db_path: Path, monkeypatch) -> None:
     opened = querylog.open_for_writing
 
-    def limited(path: str, busy_timeout: float = querylog.BUSY_TIMEOUT_S) -> sqlite3.Connection:
+    def limited(path: str, busy_timeout: float = schema.BUSY_TIMEOUT_S) -> sqlite3.Connection:
         conn = opened(path, busy_timeout)
         conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 100)  # 7 rows of 13 columns
         return conn
@@ -404,4 +405,4 @@ def test_schema_has_integer_indexes_and_future_tables(db_path: Path) -> None:
     with closing(sqlite3.connect(db_path)) as conn:
         info = sorted(conn.execute("PRAGMA table_info(lookup_rollup)"), key=lambda r: r[5])
     pk = [r[1] for r in info if r[5]]
-    assert pk == ["hour", *querylog.ROLLUP_COLUMNS]
+    assert pk == ["hour", *schema.ROLLUP_COLUMNS]

@@ -19,7 +19,7 @@ from sqlite_utils import Database
 from resolver.core.errors import DnsguardError
 from resolver.core.logdb import MODE_CODES, VERDICT_CODES, open_readonly, window
 from resolver.core.names import normalise
-from resolver.log.querylog import ROLLUP_COLUMNS, ROLLUP_NULL, ROLLUP_SECONDS
+from resolver.log.schema import ROLLUP_COLUMNS, ROLLUP_NULL, ROLLUP_SECONDS
 
 _FAILURE_RCODES = (2, 3)  # SERVFAIL, NXDOMAIN
 _CLIENT_LIST_MAX = 20

@@ -8,9 +8,9 @@ import json
 
 from sqlite_utils import Database
 
-from resolver.log.querylog import ROLLUP_SECONDS
 from resolver.log.report import query
 from resolver.log.report.query import Filters, _filter_where, _rows, _Where, _where, iso
+from resolver.log.schema import ROLLUP_SECONDS
 
 
 def _lookup_dict(row: dict) -> dict:
