@@ -83,8 +83,7 @@ def answer_of(reply: bytes) -> str:
 async def ask(pool: PortPool, i: int) -> bytes:
     q, n = question(i)
     packet = wire.build_query(os.urandom(2), q, 0)
-    async with asyncio.timeout(3):
-        return await pool.exchange(packet, q, n)
+    return await pool.exchange(packet, q, n, asyncio.get_running_loop().time() + 3)
 
 
 async def test_queries_go_out_on_many_ports_that_keep_changing(responder):
@@ -123,6 +122,21 @@ async def test_a_reply_with_our_id_but_another_question_is_ignored():
     finally:
         pool.close()
         r.close()
+
+
+async def test_a_silent_server_times_out_at_the_deadline_and_forgets_the_query():
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    pool = PortPool(silent.getsockname(), _matches, size=2)
+    try:
+        q, n = question(1)
+        loop = asyncio.get_running_loop()
+        with pytest.raises(TimeoutError):
+            await pool.exchange(wire.build_query(b"\x12\x34", q, 0), q, n, loop.time() + 0.2)
+        assert all(not p.pending for p in pool.ports if p is not None)
+    finally:
+        pool.close()
+        silent.close()
 
 
 async def test_retired_sockets_close_once_their_queries_are_done(responder):

@@ -49,6 +49,11 @@ def _port_range() -> tuple[int, int]:
 _LOW, _HIGH = _port_range()
 
 
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
 def _random_port() -> int:
     return _LOW + int.from_bytes(os.urandom(2), "big") % (_HIGH - _LOW + 1)
 
@@ -119,10 +124,10 @@ class PortPool:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.opened = 0  # sockets opened over the pool's life (tests and the bench read it)
 
-    async def exchange(self, packet: bytes, question: bytes, name_len: int) -> bytes:
+    async def exchange(self, packet: bytes, question: bytes, name_len: int, deadline: float) -> bytes:
         """Send ``packet`` (its first two bytes are the ID) and wait for the matching reply.
 
-        The caller bounds the wait; cancelling it forgets the query.
+        Raises TimeoutError at ``deadline`` (loop time); cancelling the wait forgets the query.
         """
         loop = asyncio.get_running_loop()
         if loop is not self.loop:
@@ -132,10 +137,12 @@ class PortPool:
         port = self._pick(qid, loop.time())
         fut = loop.create_future()
         port.pending[qid] = (fut, question, name_len)
+        timer = loop.call_at(deadline, _expire, fut)
         try:
             port.sock.send(packet)
             return await fut
         finally:
+            timer.cancel()
             if port.pending.get(qid, (None,))[0] is fut:
                 del port.pending[qid]
             if port.retired and not port.pending:

@@ -44,6 +44,8 @@ from resolver.dns import wire
 from resolver.dns.outgoing import PortPool
 
 HostPort = tuple[str, int]
+# One encoder for every miss: json.dumps with options builds a new JSONEncoder per call.
+_json = json.JSONEncoder(separators=(",", ":")).encode
 _RETRY_RCODES = frozenset((wire.SERVFAIL, wire.REFUSED, wire.NOTIMP, wire.FORMERR))
 _KEEP_AUTHORITY = frozenset((dns.rdatatype.SOA, dns.rdatatype.NSEC, dns.rdatatype.NSEC3,
                              dns.rdatatype.RRSIG))
@@ -84,9 +86,11 @@ class Upstream:
             qid = os.urandom(2)
             packet = wire.build_query(qid, question, do)
             try:
-                async with asyncio.timeout(budget):
-                    reply = await self.pools[server].exchange(packet, question, name_len)
-                    if reply[2] & 0x02:  # TC: the full answer only fits over TCP
+                # The pool keeps its own deadline (one timer, no timeout scope: this is per miss).
+                until = loop.time() + budget
+                reply = await self.pools[server].exchange(packet, question, name_len, until)
+                if reply[2] & 0x02:  # TC: the full answer only fits over TCP
+                    async with asyncio.timeout_at(until):
                         reply = await _tcp(server, packet, qid, question, name_len)
             except TimeoutError:
                 reasons.append(f"{_fmt(server)}: timeout")
@@ -256,7 +260,7 @@ class Cleaner:
         dropped = drop + _count_additional(reply)
         return Cleaned(rcode, an, ns, 0, body, offsets, ttls,
                        self._cache_ttl(rcode, an, ttls, soa_ttl if keep else -1),
-                       json.dumps(chain, separators=(",", ":")) if chain else None, tuple(addrs), dropped)
+                       _json(chain) if chain else None, tuple(addrs), dropped)
 
     def _cache_ttl(self, rcode: int, an: int, ttls: list[int], soa_ttl: int) -> int:
         if rcode == wire.NOERROR and an:
