@@ -151,9 +151,10 @@ async def test_retired_sockets_close_once_their_queries_are_done(responder):
     assert all(p is None for p in pool.ports)
     assert answer_of(await pending) == "192.0.2.3"
     assert all(s.fileno() == -1 for s in socks)
-    # A new query after retiring opens a fresh socket, on another port.
+    # A query still failing over to this retired pool gets a one-off socket, closed after it.
     await ask(pool, 3)
     assert pool.opened == len(socks) + 1
+    assert all(p is None for p in pool.ports)
     up.close()
 
 
@@ -174,3 +175,19 @@ async def test_reload_keeps_the_pool_when_the_servers_are_the_same(responder):
     finally:
         res.upstream.close()
         other.close()
+
+
+async def test_two_queries_with_the_same_id_on_one_socket_do_not_collide(responder):
+    pool = PortPool(("127.0.0.1", responder.port), _matches, size=1)
+    try:
+        loop = asyncio.get_running_loop()
+        (q1, n1), (q2, n2) = question(1), question(2)
+        same_id = b"\x77\x77"
+        both = await asyncio.gather(
+            pool.exchange(wire.build_query(same_id, q1, 0), q1, n1, loop.time() + 3),
+            pool.exchange(wire.build_query(same_id, q2, 0), q2, n2, loop.time() + 3))
+        assert [answer_of(r) for r in both] == ["192.0.2.2", "192.0.2.3"]
+        # The second went out on a one-off socket, closed once answered.
+        assert pool.opened == 2 and sum(p is not None for p in pool.ports) == 1
+    finally:
+        pool.close()

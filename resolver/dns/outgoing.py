@@ -122,6 +122,7 @@ class PortPool:
         self.family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
         self.ports: list[_Port | None] = [None] * size
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.retiring = False  # replaced by another pool: queries still failing over use one-off sockets
         self.opened = 0  # sockets opened over the pool's life (tests and the bench read it)
 
     async def exchange(self, packet: bytes, question: bytes, name_len: int, deadline: float) -> bytes:
@@ -149,6 +150,11 @@ class PortPool:
                 port.close()
 
     def _pick(self, qid: bytes, now: float) -> _Port:
+        if self.retiring:
+            port = self._open(now)
+            port.retired = True  # not in the rotation: closes as soon as this one query is done
+            port.uses += 1
+            return port
         ports = self.ports
         for _ in range(4):
             i = int.from_bytes(os.urandom(2), "big") % self.size
@@ -163,7 +169,7 @@ class PortPool:
         # Four sockets already waiting on this ID: astronomically unlikely unless something
         # floods one server with queries; a fresh socket always has room.
         port = self._open(now)
-        self._retire(port)
+        port.retired = True
         port.uses += 1
         return port
 
@@ -201,6 +207,7 @@ class PortPool:
 
     def retire(self) -> None:
         """Stop using these sockets; each closes once the queries waiting on it are done."""
+        self.retiring = True
         for i, port in enumerate(self.ports):
             if port is not None:
                 self._retire(port)
