@@ -460,8 +460,9 @@ def write_hosts(path: Path, n: int) -> None:
     path.chmod(0o644)
 
 
-def write_unbound_conf(path: Path, port: int, n_allowed: int, workdir: Path) -> None:
-    lines = [
+def _unbound_server(port: int, workdir: Path, logfile: str) -> list[str]:
+    """The `server:` lines every bench unbound shares: one thread, loopback only, no daemon."""
+    return [
         "server:",
         "  verbosity: 0",
         "  num-threads: 1",
@@ -474,10 +475,16 @@ def write_unbound_conf(path: Path, port: int, n_allowed: int, workdir: Path) -> 
         '  pidfile: ""',
         f'  directory: "{workdir}"',
         "  use-syslog: no",
-        f'  logfile: "{workdir / "unbound.log"}"',
+        f'  logfile: "{workdir / logfile}"',
         "  access-control: 127.0.0.0/8 allow",
         '  module-config: "iterator"',
         "  so-reuseport: no",
+    ]
+
+
+def write_unbound_conf(path: Path, port: int, n_allowed: int, workdir: Path) -> None:
+    lines = [
+        *_unbound_server(port, workdir, "unbound.log"),
         # Nothing outside the local zones is ever resolved: no traffic leaves loopback.
         '  local-zone: "." refuse',
         '  local-zone: "allowed.test." static',
@@ -497,22 +504,7 @@ def write_unbound_conf(path: Path, port: int, n_allowed: int, workdir: Path) -> 
 def write_unbound_forwarder_conf(path: Path, port: int, upstream_port: int, workdir: Path) -> None:
     """unbound as a pure forwarder to 127.0.0.1:upstream_port (the bench's upstream dnsmasq)."""
     lines = [
-        "server:",
-        "  verbosity: 0",
-        "  num-threads: 1",
-        f"  interface: 127.0.0.1@{port}",
-        f"  port: {port}",
-        "  do-ip6: no",
-        "  do-daemonize: no",
-        '  chroot: ""',
-        '  username: ""',
-        '  pidfile: ""',
-        f'  directory: "{workdir}"',
-        "  use-syslog: no",
-        f'  logfile: "{workdir / "unbound-fwd.log"}"',
-        "  access-control: 127.0.0.0/8 allow",
-        '  module-config: "iterator"',
-        "  so-reuseport: no",
+        *_unbound_server(port, workdir, "unbound-fwd.log"),
         # .test is a locally served zone by default in unbound; forward it like any name.
         '  local-zone: "test." nodefault',
         "  do-not-query-localhost: no",
