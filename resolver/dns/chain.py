@@ -34,7 +34,7 @@ from resolver.core.errors import UpstreamError
 from resolver.core.model import Decision
 from resolver.dns import wire
 from resolver.dns.cache import AnswerCache, Entry
-from resolver.dns.upstream import Cleaner, Upstream
+from resolver.dns.upstream import Cleaner, Upstream, UpstreamStats
 from resolver.policy.config import ClientPolicy, Config
 from resolver.policy.matcher import Matcher
 
@@ -130,9 +130,12 @@ def classify(config: Config, ip: str, named: Named,
 class Resolver:
     """The query path, bound to one policy at a time (``use`` swaps it atomically)."""
 
-    def __init__(self, config: Config, *, submit: Submit | None = None, feeder: Any = None) -> None:
+    def __init__(self, config: Config, *, submit: Submit | None = None, feeder: Any = None,
+                 tap: Callable[[tuple], None] | None = None) -> None:
         self.submit = submit
         self.feeder = feeder
+        self.tap = tap  # dnstap sink for upstream exchanges; None when dnstap is off
+        self.upstream_stats = UpstreamStats()
         self.cache = AnswerCache(config.cache.max_entries)
         self._inflight: dict[bytes, asyncio.Future[Entry]] = {}
         self.max_inflight = inflight_limit()
@@ -149,7 +152,8 @@ class Resolver:
     def use(self, config: Config) -> None:
         """Switch to a new policy. Queries already in flight finish under the old one."""
         self.config = config
-        self.upstream = Upstream(config.upstream.servers, config.upstream.timeout)
+        self.upstream = Upstream(config.upstream.servers, config.upstream.timeout, self.upstream_stats,
+                                 self.tap)
         self.cleaner = Cleaner(config.cache.negative_max_ttl, config.allow_cidrs)
         self.cache.max_entries = config.cache.max_entries
         self._views: dict[str, ClientView] = {}

@@ -21,10 +21,13 @@ answer is cached or relayed.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import os
 import socket
 import struct
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import dns.exception
@@ -47,14 +50,51 @@ _KEEP_AUTHORITY = frozenset((dns.rdatatype.SOA, dns.rdatatype.NSEC, dns.rdatatyp
                              dns.rdatatype.RRSIG))
 
 
-class Upstream:
-    """A list of upstream servers with failover and a shared deadline."""
+class UpstreamStats:
+    """Plain counters of upstream exchanges, read by the metrics collector.
 
-    def __init__(self, servers: tuple[HostPort, ...], timeout: float) -> None:
+    Owned by the Resolver (not by Upstream, which a reload replaces) so the figures keep
+    counting across reloads. Only cache misses come here, next to a network round trip.
+    """
+
+    bounds = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+    def __init__(self) -> None:
+        self.durations: dict[str, list] = {}  # server -> [bucket counts..., +Inf count, sum]
+        self.errors: dict[tuple[str, str], int] = {}  # (server, kind) -> count
+
+    def observe(self, server: str, seconds: float) -> None:
+        row = self.durations.get(server)
+        if row is None:
+            row = self.durations[server] = [0] * (len(self.bounds) + 1) + [0.0]
+        row[bisect.bisect_left(self.bounds, seconds)] += 1
+        row[-1] += seconds
+
+    def error(self, server: str, kind: str) -> None:
+        key = (server, kind)
+        self.errors[key] = self.errors.get(key, 0) + 1
+
+    def snapshot(self) -> dict[str, tuple[list[int], float]]:
+        """server -> (per-bucket counts with +Inf last, sum of seconds)."""
+        return {s: (row[:-1], row[-1]) for s, row in list(self.durations.items())}
+
+
+class Upstream:
+    """A list of upstream servers with failover and a shared deadline.
+
+    ``tap``, when set, is called with ("fwd", server, protocol, query, reply or None, sent,
+    received) -- wall-clock times -- for every exchange (dnstap FORWARDER_QUERY/RESPONSE).
+    """
+
+    def __init__(self, servers: tuple[HostPort, ...], timeout: float, stats: UpstreamStats | None = None,
+                 tap: Callable[[tuple], None] | None = None) -> None:
         if not servers:
             raise UpstreamError("no upstream servers configured (and none in /etc/resolv.conf)")
         self.servers = tuple(servers)
         self.timeout = timeout
+        self.stats = stats if stats is not None else UpstreamStats()
+        self.tap = tap
+        self._names = {s: _fmt(s) for s in self.servers}
 
     async def query(self, question: bytes, name_len: int, do: int) -> bytes:
         """Resolve ``question`` (lower-cased name + type + class); return the raw reply."""
@@ -70,23 +110,46 @@ class Upstream:
             budget = left / (len(self.servers) - idx)
             qid = os.urandom(2)
             packet = wire.build_query(qid, question, do)
+            name = self._names[server]
+            tap = self.tap
+            clock = time.monotonic  # not loop.time(): uvloop's ticks in whole milliseconds
+            sent = clock()
+            proto = "udp"
+            reply = None
             try:
                 async with asyncio.timeout(budget):
                     reply = await _udp(server, packet, qid, question, name_len)
                     if reply[2] & 0x02:  # TC: the full answer only fits over TCP
+                        if tap is not None:
+                            self._tap(tap, server, proto, packet, reply, sent, clock())
+                        proto, sent, reply = "tcp", clock(), None
                         reply = await _tcp(server, packet, qid, question, name_len)
             except TimeoutError:
-                reasons.append(f"{_fmt(server)}: timeout")
+                self.stats.error(name, "timeout")
+                reasons.append(f"{name}: timeout")
                 continue
             except (OSError, ValueError) as exc:
-                reasons.append(f"{_fmt(server)}: {exc.__class__.__name__}: {exc}")
+                self.stats.error(name, "network" if isinstance(exc, OSError) else "malformed")
+                reasons.append(f"{name}: {exc.__class__.__name__}: {exc}")
                 continue
+            finally:
+                if tap is not None:
+                    self._tap(tap, server, proto, packet, reply, sent, clock())
+            self.stats.observe(name, clock() - sent)
             rcode = reply[3] & 0x0F
             if rcode in _RETRY_RCODES:
-                reasons.append(f"{_fmt(server)}: rcode {rcode}")
+                self.stats.error(name, "rcode")
+                reasons.append(f"{name}: rcode {rcode}")
                 continue
             return reply
         raise UpstreamError("; ".join(reasons) or "no upstream answered")
+
+    @staticmethod
+    def _tap(tap: Callable[[tuple], None], server: HostPort, proto: str, packet: bytes, reply: bytes | None,
+             sent: float, received: float) -> None:
+        # The clock is monotonic; dnstap wants wall-clock seconds.
+        off = time.time() - time.monotonic()
+        tap(("fwd", server, proto, packet, reply, sent + off, received + off))
 
 
 def _fmt(server: HostPort) -> str:
