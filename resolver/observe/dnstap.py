@@ -188,7 +188,7 @@ class DnstapWriter:
         if self._thread is not None:
             self._thread.join(timeout + 3.0)
         if self.dropped:
-            self.log(f"dnsguard: dnstap: {self.dropped} messages dropped in all ({self.sent} sent)")
+            self.log(f"dnsguard: dnstap: {self.dropped} events dropped in all ({self.sent} messages sent)")
 
     # -- the writer thread ----------------------------------------------------------
     def _run(self) -> None:
@@ -196,6 +196,11 @@ class DnstapWriter:
         reported, last_report = 0, time.monotonic()
         sender: Sender | None = None
         while True:
+            now = time.monotonic()
+            if self.dropped != reported and now - last_report >= DROP_REPORT_INTERVAL:
+                self.log(f"dnsguard: dnstap: {self.dropped - reported} events dropped "
+                         f"(queue full or collector away); {self.dropped} in all")
+                reported, last_report = self.dropped, now
             if sender is None:
                 if self._stop.is_set():
                     break
@@ -235,11 +240,6 @@ class DnstapWriter:
                 break
             else:
                 self._stop.wait(IDLE_WAIT)
-            now = time.monotonic()
-            if self.dropped != reported and now - last_report >= DROP_REPORT_INTERVAL:
-                self.log(f"dnsguard: dnstap: {self.dropped - reported} messages dropped "
-                         f"(queue full or collector away); {self.dropped} in all")
-                reported, last_report = self.dropped, now
         if sender is not None:
             self.connected = False
             sender.close(graceful=True)

@@ -1,0 +1,226 @@
+"""dnstap to independent receivers: Debian's `dnstap` command (unix socket and TCP) and
+`fstrm_capture` read back by BIND's `dnstap-read`.
+
+Neither receiver prints the dnstap ``Policy`` field, so the policy assertions decode the file
+`fstrm_capture` wrote with the maintained ``dnstap-pb`` protobuf classes (not our encoder).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import dns.rcode
+import pytest
+from dnstap_pb import dnstap_pb2 as pb
+from helpers import make_policy, to_toml, wait_until
+
+METRICS_RE = re.compile(r"dnsguard: metrics on http://127\.0\.0\.1:(\d+)/metrics")
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed (see scripts/install-test-deps)")
+    return path
+
+
+class Receiver:
+    """A receiver process; stopped (SIGTERM, then SIGKILL) at teardown."""
+
+    def __init__(self, argv: list[str], ready: Path | tuple[str, int], log: Path) -> None:
+        self.log = log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        wait_until(lambda: self._listening(ready), 10, what=f"{argv[0]} listening")
+
+    def _listening(self, ready: Path | tuple[str, int]) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"receiver exited: {self.log.read_text(errors='replace')}")
+        if isinstance(ready, Path):
+            return ready.exists()
+        with socket.socket() as s:
+            return s.connect_ex(ready) == 0
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture
+def receivers():
+    started: list[Receiver] = []
+
+    def factory(argv: list[str], ready: Path | tuple[str, int], log: Path) -> Receiver:
+        r = Receiver(argv, ready, log)
+        started.append(r)
+        return r
+
+    yield factory
+    for r in started:
+        r.stop()
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def yaml_types(text: str) -> Counter:
+    return Counter(re.findall(r"^  type: (\w+)$", text, re.MULTILINE))
+
+
+@pytest.fixture
+def upstream(dnsmasq):
+    return dnsmasq()
+
+
+def ask_some(g) -> None:
+    """2 misses (2 forwarder exchanges), 1 cache hit, 1 denial, one of them over TCP."""
+    assert g.query("allowed.test").rcode() == dns.rcode.NOERROR
+    assert g.query("allowed.test").rcode() == dns.rcode.NOERROR
+    assert g.query("other.test", tcp=True).rcode() == dns.rcode.NOERROR
+    assert g.query("denied.test").rcode() == dns.rcode.NXDOMAIN
+
+
+EXPECTED = {"CLIENT_QUERY": 4, "CLIENT_RESPONSE": 4, "FORWARDER_QUERY": 2, "FORWARDER_RESPONSE": 2}
+
+
+def test_dnstap_cli_over_unix_socket(upstream, dnsguard, receivers, tmp_path):
+    sock, out = tmp_path / "tap.sock", tmp_path / "out.yaml"
+    r = receivers([tool("dnstap"), "-u", str(sock), "-y", "-w", str(out)], sock, tmp_path / "dnstap.log")
+    policy = make_policy([upstream.addr], allow=["allowed.test", "other.test"],
+                         dnstap={"identity": "agent-host-1", "version": "dnsguard-test"})
+    g = dnsguard(policy, "--dnstap", f"unix:{sock}")
+    ask_some(g)
+    assert g.stop() == 0  # a clean stop sends what is queued, then STOP and waits for FINISH
+    r.stop()
+    text = out.read_text()
+    assert yaml_types(text) == EXPECTED, text
+    assert text.count('identity: "agent-host-1"') == 12
+    assert text.count('version: "dnsguard-test"') == 12
+    assert "status: NXDOMAIN" in text and ";denied.test.\tIN\t A" in text
+    assert "socket_protocol: TCP" in text and "socket_protocol: UDP" in text
+    assert f"response_port: {upstream.port}" in text  # forwarder messages name the upstream
+    assert "closed connection" in (tmp_path / "dnstap.log").read_text()  # an orderly goodbye
+
+
+def test_dnstap_cli_over_tcp(upstream, dnsguard, receivers, tmp_path):
+    port, out = free_tcp_port(), tmp_path / "out.yaml"
+    r = receivers([tool("dnstap"), "-l", f"127.0.0.1:{port}", "-y", "-w", str(out)], ("127.0.0.1", port),
+                  tmp_path / "dnstap.log")
+    g = dnsguard(make_policy([upstream.addr], allow=["allowed.test", "other.test"]),
+                 "--dnstap", f"tcp:127.0.0.1:{port}")
+    ask_some(g)
+    assert g.stop() == 0
+    r.stop()
+    text = out.read_text()
+    assert yaml_types(text) == EXPECTED, text
+    assert text.count("query_address: 127.0.0.1") == 8  # the client side of all 8 client messages
+
+
+def read_fstrm_file(path: Path) -> list[pb.Dnstap]:
+    """Data frames of a Frame Streams file (what fstrm_capture writes), parsed with dnstap-pb."""
+    data, i, out = path.read_bytes(), 0, []
+    while i + 4 <= len(data):
+        (n,) = struct.unpack_from("!I", data, i)
+        i += 4
+        if n == 0:  # control frame: its own length, then skip it
+            (clen,) = struct.unpack_from("!I", data, i)
+            i += 4 + clen
+            continue
+        d = pb.Dnstap()
+        d.ParseFromString(data[i:i + n])
+        out.append(d)
+        i += n
+    return out
+
+
+def test_fstrm_capture_and_dnstap_read_with_policy(upstream, dnsguard, receivers, tmp_path):
+    sock, out = tmp_path / "tap.sock", tmp_path / "cap.fstrm"
+    r = receivers([tool("fstrm_capture"), "-t", "protobuf:dnstap.Dnstap", "-u", str(sock), "-w", str(out)],
+                  sock, tmp_path / "fstrm.log")
+    text = to_toml(make_policy([upstream.addr], allow=["allowed.test"], deny=["denied.test"],
+                               log={"database": str(tmp_path / "g.db")}))
+    text += '\n[[clients]]\nname = "sandbox"\nsources = ["127.0.0.2/32"]\nmode = "audit"\n'
+    g = dnsguard(text, "--dnstap", f"unix:{sock}")
+    assert g.query("denied.test").rcode() == dns.rcode.NXDOMAIN  # enforce: denied
+    assert g.query("denied.test", source="127.0.0.2").rcode() == dns.rcode.NOERROR  # audit: answered
+    assert g.query("nowhere.test").rcode() == dns.rcode.NXDOMAIN  # default deny
+    assert g.query("allowed.test").rcode() == dns.rcode.NOERROR
+    assert g.stop() == 0
+    r.stop()
+
+    listing = subprocess.run([tool("dnstap-read"), str(out)], capture_output=True, text=True, timeout=30)
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert sum(" CQ " in line for line in lines) == 4 and sum(" CR " in line for line in lines) == 4
+    assert sum(" FQ " in line for line in lines) == 2 and sum(" FR " in line for line in lines) == 2
+    assert sum("denied.test/IN/A" in line for line in lines) == 6  # 2 x CQ/CR + the audit FQ/FR
+
+    responses = {}
+    for d in read_fstrm_file(out):
+        m = d.message
+        if m.type == pb.Message.CLIENT_RESPONSE:
+            qname = m.policy.value if m.HasField("policy") else None
+            responses[(socket.inet_ntoa(m.query_address), qname)] = m
+    enforce = responses[("127.0.0.1", b"\x06denied\x04test\x00")].policy
+    assert (enforce.type, enforce.rule, enforce.action, enforce.match) == \
+        ("dnsguard", b"denied.test", pb.Policy.NXDOMAIN, pb.Policy.QNAME)
+    audit = responses[("127.0.0.2", b"\x06denied\x04test\x00")].policy
+    assert (audit.rule, audit.action) == (b"denied.test", pb.Policy.PASS)
+    default = responses[("127.0.0.1", b"\x07nowhere\x04test\x00")].policy
+    assert default.action == pb.Policy.NXDOMAIN and b"default deny" in default.rule
+    assert ("127.0.0.1", None) in responses  # the allowed answer carries no policy
+
+
+def test_receiver_killed_and_restarted_mid_run(upstream, dnsguard, receivers, tmp_path):
+    """DNS never waits for the collector; what could not be sent is counted; it reconnects."""
+    import urllib.request
+
+    sock = tmp_path / "tap.sock"
+    argv = [tool("dnstap"), "-u", str(sock), "-q", "-w"]
+    first = receivers([*argv, str(tmp_path / "one.txt")], sock, tmp_path / "one.log")
+    policy = make_policy([upstream.addr], allow=["allowed.test"], dnstap={"queue_max": 20})
+    g = dnsguard(policy, "--dnstap", f"unix:{sock}", "--metrics", "127.0.0.1:0", "--no-log")
+    port = int(wait_until(lambda: METRICS_RE.search(g.stderr_text()), 10, what="metrics").group(1))
+
+    def figure(name: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            m = re.search(rf"^{name} (\S+)$", resp.read().decode(), re.MULTILINE)
+        assert m, name
+        return float(m.group(1))
+
+    for i in range(5):
+        assert g.query(f"before{i}.test").rcode() == dns.rcode.NXDOMAIN
+    wait_until(lambda: figure("dnsguard_dnstap_sent_total") == 10, 10, what="first messages sent")
+
+    first.stop(signal.SIGKILL)
+    for i in range(100):  # every one answered while the collector is gone
+        assert g.query(f"during{i}.test", timeout=2).rcode() == dns.rcode.NXDOMAIN
+    assert figure("dnsguard_dnstap_dropped_total") >= 100 - 20 - 1  # past the queue of 20
+    assert figure("dnsguard_dnstap_connected") == 0
+
+    second = receivers([*argv, str(tmp_path / "two.txt")], sock, tmp_path / "two.log")
+    wait_until(lambda: figure("dnsguard_dnstap_connects_total") == 2, 15, what="reconnected")
+    for i in range(5):
+        assert g.query(f"after{i}.test").rcode() == dns.rcode.NXDOMAIN
+    assert g.stop() == 0
+    second.stop()
+    two = (tmp_path / "two.txt").read_text()
+    for i in range(5):
+        assert f'"after{i}.test."' in two
+    assert sum(f'"during{i}.test."' in two for i in range(100)) <= 20  # at most the queue's worth
+    assert "events dropped" in g.stderr_text()
