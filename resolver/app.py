@@ -219,7 +219,7 @@ class App:
                 view = views[key] = Resolver.view_for(cfg, ip)
             if not view.served:
                 return None
-            d = view.matcher.decide(qname)
+            d = view.decide(qname)  # memoised per view, bounded
             return None if d.allowed else (d.rule, view.audit)
         return policy_of
 

@@ -224,3 +224,33 @@ def test_receiver_killed_and_restarted_mid_run(upstream, dnsguard, receivers, tm
         assert f'"after{i}.test."' in two
     assert sum(f'"during{i}.test."' in two for i in range(100)) <= 20  # at most the queue's worth
     assert "events dropped" in g.stderr_text()
+
+
+def test_encoder_output_parses_with_dnstap_pb():
+    """Our directly written protobuf, read by the maintained classes: every field where it belongs."""
+    from resolver.observe.dnstap import Encoder
+
+    query = bytes.fromhex("abcd01000001000000000000") + b"\x03bad\x04test\x00\x00\x01\x00\x01"
+    reply = query[:2] + b"\x81\x83" + query[4:]
+    enc = Encoder("id-1", "v-1", lambda ip, qname: (None, False) if ip == "2001:db8::5" else None)
+    event = ("client", "tcp", ("2001:db8::5", 40000, 0, 0), ("::1", 53, 0, 0), query, reply, 1e9 + 0.5,
+             1e9 + 0.75)
+    cq, cr = (pb.Dnstap.FromString(b) for b in enc.encode(event))
+    assert (cq.identity, cq.version, cq.type) == (b"id-1", b"v-1", pb.Dnstap.MESSAGE)
+    m = cq.message
+    assert (m.type, m.socket_family, m.socket_protocol) == (pb.Message.CLIENT_QUERY, pb.INET6, pb.TCP)
+    assert socket.inet_ntop(socket.AF_INET6, m.query_address) == "2001:db8::5" and m.query_port == 40000
+    assert socket.inet_ntop(socket.AF_INET6, m.response_address) == "::1" and m.response_port == 53
+    assert (m.query_time_sec, m.query_time_nsec, m.query_message) == (1_000_000_000, 500_000_000, query)
+    assert not m.HasField("response_message")
+    assert (m.policy.type, m.policy.action, m.policy.value) == ("dnsguard", pb.Policy.NXDOMAIN,
+                                                                b"\x03bad\x04test\x00")
+    r = cr.message
+    assert (r.type, r.response_message) == (pb.Message.CLIENT_RESPONSE, reply)
+    assert r.response_time_nsec == 750_000_000
+    assert r.policy.rule.startswith(b"default deny")
+    (fq,) = (pb.Dnstap.FromString(b) for b in enc.encode(("fwd", ("192.0.2.53", 53), "udp", query, None, 5.0,
+                                                            6.0)))
+    assert fq.message.type == pb.Message.FORWARDER_QUERY
+    assert socket.inet_ntoa(fq.message.response_address) == "192.0.2.53"
+    assert not fq.message.HasField("policy") and not fq.message.HasField("response_message")
