@@ -636,10 +636,13 @@ class Observe:
             except OSError:
                 self.scrape_errors += 1
 
-    def stop(self, err: Path) -> None:
+    def stop_scraping(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
+
+    def stop(self, err: Path) -> None:
+        self.stop_scraping()
         if self.receiver is not None:
             self.procs.stop(self.receiver)
             log = (self.work / "fstrm_capture.log").read_text(errors="replace")
