@@ -143,12 +143,6 @@ class App:
 
             self.feeder = make_feeder(cfg, self.querylog)
         submit = self.querylog.submit if self.querylog else None
-        counter = None
-        if cfg.metrics.listen is not None:
-            from resolver.observe.metrics import QueryCounter
-
-            counter = QueryCounter(submit)
-            submit = counter.submit
         tap = None
         if cfg.dnstap.address is not None:
             from resolver.observe.dnstap import DnstapWriter
@@ -162,8 +156,9 @@ class App:
         server = DnsServer(cfg, self.resolver, on_reload=self.reload, tap=tap)
         watcher = None
         try:
-            if counter is not None:
-                self._start_metrics(counter)
+            if cfg.metrics.listen is not None:
+                self.resolver.counts = {}
+                self._start_metrics()
             await server.start()
             watcher = asyncio.get_running_loop().create_task(self._watch())
             await server.serve_forever()
@@ -187,11 +182,11 @@ class App:
         return 0
 
 
-    def _start_metrics(self, counter: Any) -> None:
+    def _start_metrics(self) -> None:
         from resolver.observe import metrics as m
 
         self.metrics = reg = m.Metrics()
-        reg.add(m.query_reader(counter))
+        reg.add(m.query_reader(self.resolver))
         reg.add(m.resolver_reader(self.resolver))
         reg.add(m.policy_reader(self))
         if self.querylog is not None:

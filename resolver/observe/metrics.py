@@ -1,11 +1,12 @@
 """Prometheus ``/metrics``: figures the components count in plain integers, read at scrape time.
 
-Nothing here runs on the query path except ``QueryCounter.submit``, which adds one to a
-dict entry per lookup-log record (the record every outcome already produces). Every other
-figure is an integer attribute the owning component bumps anyway (``cache.hits``,
-``querylog.overflow``...). A scrape runs in prometheus_client's HTTP thread and only
-*reads*: copies of dicts (atomic under the GIL) and ints. Kernel figures (ipset entries)
-are asked over a netlink socket of the scrape's own, never the event loop's.
+Nothing here runs on the query path. The chain adds one to ``Resolver.counts[(verdict,
+mode, transport, rcode)]`` per answer when metrics are on (a dict update; the key of a
+memoised answer is made once, with the memo); every other figure is an integer attribute
+the owning component bumps anyway (``cache.hits``, ``querylog.overflow``...). A scrape runs
+in prometheus_client's HTTP thread and only *reads*: copies of dicts (atomic under the GIL)
+and ints. Kernel figures (ipset entries) are asked over a netlink socket of the scrape's
+own, never the event loop's.
 
 Adding a figure: give the component a plain counter, write a reader here that turns it into
 metric families, and register the reader in ``resolver.app`` (``Metrics.add``).
@@ -31,34 +32,9 @@ from prometheus_client.registry import CollectorRegistry
 from resolver import __version__
 
 Reader = Callable[[], Iterable[Metric]]
-Submit = Callable[[tuple], None]
 
 RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED",
                16: "BADVERS"}
-
-
-class QueryCounter:
-    """Counts lookup-log records by (verdict, mode, transport, rcode), then passes them on.
-
-    ``submit`` replaces the log's submit function in the chain (or stands alone when the log
-    is off): the chain already builds one record per outcome, so counting costs one dict
-    update per query and no new call sites on the path.
-    """
-
-    def __init__(self, forward: Submit | None = None) -> None:
-        self.counts: dict[tuple, int] = {}
-        counts = self.counts
-        get = counts.get
-        if forward is None:
-            def submit(r: tuple) -> None:
-                k = (r[5], r[6], r[2], r[8])
-                counts[k] = get(k, 0) + 1
-        else:
-            def submit(r: tuple) -> None:
-                k = (r[5], r[6], r[2], r[8])
-                counts[k] = get(k, 0) + 1
-                forward(r)
-        self.submit: Submit = submit
 
 
 def _rcode(rc: int | None) -> str:
@@ -87,9 +63,10 @@ def build_reader() -> Iterator[Metric]:
     yield info
 
 
-def query_reader(qc: QueryCounter) -> Reader:
+def query_reader(resolver: Any) -> Reader:
+    """``resolver.counts``: (verdict, mode, transport, rcode) -> queries."""
     def read() -> Iterator[Metric]:
-        snap = dict(qc.counts)
+        snap = dict(resolver.counts or {})
         rows = ([[v or "invalid", m or "", t or "", _rcode(rc)], n]
                 for (v, m, t, rc), n in sorted(snap.items(), key=repr))
         yield counter("dnsguard_queries", "Queries answered (or dropped), by policy verdict, mode, transport "
