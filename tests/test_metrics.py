@@ -137,3 +137,29 @@ def test_bad_metrics_address_is_a_clear_error(tmp_path):
                        '[upstream]\nservers = ["127.0.0.1"]\n')
     assert cfg.metrics.listen == ("127.0.0.1", 9153)
     assert cfg.dnstap.address == "unix:/run/dnstap.sock"
+
+
+def test_grafana_dashboard_queries_parse_and_name_real_metrics(tmp_path):
+    """deploy/grafana/dnsguard.json: every query is valid PromQL (promtool) and names a metric we export."""
+    import json
+    from pathlib import Path
+
+    import resolver.observe.metrics as m
+
+    dash = json.loads((Path(__file__).resolve().parent.parent / "deploy/grafana/dnsguard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 20
+    # Grafana's variables, as Grafana would substitute them.
+    plain = [e.replace("$__rate_interval", "5m").replace("$__range", "6h").replace("$instance", ".*")
+             for e in exprs]
+    rules = tmp_path / "rules.yml"
+    rules.write_text("groups:\n- name: dashboard\n  rules:\n" + "".join(
+        f"  - record: dashboard:q{i}\n    expr: {json.dumps(e)}\n" for i, e in enumerate(plain)))
+    check = subprocess.run([promtool(), "check", "rules", str(rules)], capture_output=True, text=True,
+                           timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    source = Path(m.__file__).read_text()
+    exported = set(re.findall(r'"(dnsguard_\w+)"', source))
+    for name in {n for e in exprs for n in re.findall(r"dnsguard_\w+", e)}:
+        base = re.sub(r"_(total|bucket|count|sum|info)$", "", name)
+        assert name in exported or base in exported, f"dashboard uses {name}, which dnsguard does not export"

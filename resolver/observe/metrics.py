@@ -27,6 +27,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.exposition import start_http_server
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 
 from resolver import __version__
@@ -198,6 +199,7 @@ class Metrics:
         """Serve ``/metrics`` on host:port from a daemon thread; return the bound port."""
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self)  # type: ignore[arg-type]
+        ProcessCollector(registry=registry)  # process_* (CPU, memory, open fds): read from /proc per scrape
         self._server, _ = start_http_server(port, host, registry)
         self.port = self._server.server_port
         return self.port
