@@ -170,6 +170,7 @@ class App:
                         await watcher
                 if self.feeder is not None:
                     self.feeder.close()
+                self.resolver.upstream.close()
                 if self.metrics is not None:
                     self.metrics.stop()
                 if self.dnstap is not None:
@@ -220,7 +221,7 @@ class App:
 
 
 def raise_fd_limit() -> None:
-    """Every upstream query holds a socket: take all the file descriptors we are allowed."""
+    """TCP clients and upstream sockets hold descriptors: take all the file descriptors we are allowed."""
     try:
         import resource
 

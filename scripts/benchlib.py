@@ -495,6 +495,41 @@ def write_unbound_conf(path: Path, port: int, n_allowed: int, workdir: Path) -> 
     path.write_text("\n".join(lines))
 
 
+def write_unbound_forwarder_conf(path: Path, port: int, upstream_port: int, workdir: Path) -> None:
+    """unbound as a pure forwarder to 127.0.0.1:upstream_port (the bench's upstream dnsmasq)."""
+    lines = [
+        "server:",
+        "  verbosity: 0",
+        "  num-threads: 1",
+        f"  interface: 127.0.0.1@{port}",
+        f"  port: {port}",
+        "  do-ip6: no",
+        "  do-daemonize: no",
+        '  chroot: ""',
+        '  username: ""',
+        '  pidfile: ""',
+        f'  directory: "{workdir}"',
+        "  use-syslog: no",
+        f'  logfile: "{workdir / "unbound-fwd.log"}"',
+        "  access-control: 127.0.0.0/8 allow",
+        '  module-config: "iterator"',
+        "  so-reuseport: no",
+        # .test is a locally served zone by default in unbound; forward it like any name.
+        '  local-zone: "test." nodefault',
+        "  do-not-query-localhost: no",
+        "  qname-minimisation: no",
+        "  harden-referral-path: no",
+        "  target-fetch-policy: \"0 0 0 0 0\"",
+        "forward-zone:",
+        '  name: "."',
+        f"  forward-addr: 127.0.0.1@{upstream_port}",
+        "remote-control:",
+        "  control-enable: no",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
 def write_queries(path: Path, entries: list[tuple[str, str]]) -> None:
     with open(path, "w") as fh:
         for name, qtype in entries:
