@@ -15,7 +15,7 @@ import urllib.request
 
 import dns.rcode
 import pytest
-from helpers import make_policy, wait_until
+from helpers import make_policy, udp_exchange, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 METRICS_RE = re.compile(r"dnsguard: metrics on http://127\.0\.0\.1:(\d+)/metrics")
@@ -69,6 +69,8 @@ def test_scrape_passes_promtool_and_counts_what_was_asked(upstream, dnsguard):
     assert g.query("other.test", tcp=True).rcode() == dns.rcode.NOERROR
     for _ in range(3):
         assert g.query("denied.test").rcode() == dns.rcode.NXDOMAIN
+    no_question = bytes.fromhex("123401000000000000000000")  # QDCOUNT 0: FORMERR, no policy decision
+    assert udp_exchange(no_question, g.port)[3] & 0x0F == dns.rcode.FORMERR
 
     text = scrape(port)
     check = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True, text=True,
@@ -79,6 +81,7 @@ def test_scrape_passes_promtool_and_counts_what_was_asked(upstream, dnsguard):
                  rcode="NXDOMAIN") == 3
     assert value(text, "dnsguard_queries_total", verdict="allow", transport="udp", rcode="NOERROR") == 2
     assert value(text, "dnsguard_queries_total", verdict="allow", transport="tcp", rcode="NOERROR") == 1
+    assert value(text, "dnsguard_queries_total", verdict="none", rcode="FORMERR") == 1
     assert value(text, "dnsguard_cache_hits_total") >= 1
     assert value(text, "dnsguard_cache_misses_total") == 2
     assert value(text, "dnsguard_cache_entries") == 2
@@ -90,8 +93,8 @@ def test_scrape_passes_promtool_and_counts_what_was_asked(upstream, dnsguard):
     assert value(text, "dnsguard_policy_info", sha256=sha, mode="enforce") == 1
     assert value(text, "dnsguard_build_info") == 1
     assert value(text, "dnsguard_log_overflow_total") == 0
-    # The log hands rows over on a timer: all six arrive at the writer.
-    wait_until(lambda: value(scrape(port), "dnsguard_log_rows_handed_total") == 6, 10, what="rows handed")
+    # The log hands rows over on a timer: all seven arrive at the writer.
+    wait_until(lambda: value(scrape(port), "dnsguard_log_rows_handed_total") == 7, 10, what="rows handed")
     assert value(text, "dnsguard_metrics_read_errors_total") == 0
 
 

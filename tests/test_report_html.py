@@ -36,7 +36,7 @@ def rec(ago: float, name: str | bytes, client: str, verdict: str | None, mode: s
 HOSTILE = b"\x10<script>alert(1)\x07example\x03com\x00"  # a label a client may send; the page must escape it
 
 
-# (record, count): three clients, allowed / denied / audit would-deny / invalid, over ~5 hours.
+# (record, count): three clients, allowed / denied / audit would-deny / malformed, over ~5 hours.
 FIXTURE = [
     (rec(10 * 60, "pypi.org", "127.0.0.1", "allow"), 30),
     (rec(50 * 60, "files.pythonhosted.org", "127.0.0.1", "allow"), 12),
@@ -84,7 +84,7 @@ def test_series_buckets_add_up_to_the_totals(log_db: Path) -> None:
         assert sum(s["counts"]["allowed"]) == 62
         assert sum(s["counts"]["denied"]) == 53
         assert sum(s["counts"]["would deny (audit)"]) == 5
-        assert sum(s["counts"]["invalid"]) == 2
+        assert sum(s["counts"]["malformed / refused"]) == 2
     assert sum(sum(v) for v in audit_only["counts"].values()) == 7
     assert [(c["client"], c["lookups"], c["denied"]) for c in clients] == \
         [("127.0.0.2", 64, 44), ("127.0.0.1", 51, 9), ("127.0.0.3", 7, 5)]
@@ -163,10 +163,10 @@ def test_chromium_renders_the_charts_offline(browser, report_file: Path, tmp_pat
                                             "els => els.map(e => e.getAttribute('class'))")
         return len({m for c in classes for m in re.findall(r"serie-\d+", c)})
 
-    assert series_count("timeline") == 4  # allowed, denied, would deny (audit), invalid
+    assert series_count("timeline") == 4  # allowed, denied, would deny (audit), malformed / refused
     assert series_count("top_denied") == 1 and series_count("top_allowed") == 1
     legend = page.eval_on_selector("#timeline svg .legends", "e => e.textContent")
-    for outcome in ("allowed", "denied", "would deny (audit)", "invalid"):
+    for outcome in ("allowed", "denied", "would deny (audit)", "malformed / refused"):
         assert outcome in legend
     # The bars are drawn: the timeline has rects with real height, laid out by the browser.
     heights = page.eval_on_selector_all("#timeline svg g.series rect",

@@ -68,10 +68,11 @@ def query_reader(resolver: Any) -> Reader:
     """``resolver.counts``: (verdict, mode, transport, rcode) -> queries."""
     def read() -> Iterator[Metric]:
         snap = dict(resolver.counts or {})
-        rows = ([[v or "invalid", m or "", t or "", _rcode(rc)], n]
+        rows = ([[v or "none", m or "", t or "", _rcode(rc)], n]
                 for (v, m, t, rc), n in sorted(snap.items(), key=repr))
         yield counter("dnsguard_queries", "Queries answered (or dropped), by policy verdict, mode, transport "
-                      "and response code. verdict=invalid: the packet was not a valid query; "
+                      "and response code. verdict=none: no policy decision (a malformed packet, or a client "
+                      "not allowed to ask: the rcode says which); "
                       "rcode=none: no answer was sent.", ["verdict", "mode", "transport", "rcode"], rows)
     return read
 

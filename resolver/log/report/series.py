@@ -1,10 +1,10 @@
 """Lookups over time, and per client: the figures the HTML report draws beside ``summary``.
 
 ``series`` counts lookups per bucket (a minute for windows up to six hours, else an hour)
-by outcome: allowed, denied, would-deny (audit mode) and invalid. Hour buckets read the
-writer's ``lookup_rollup`` for whole hours and raw rows only at the window's edges, as the
-summary does; minute buckets read raw rows in the window (a ts-range scan of at most six
-hours).
+by outcome: allowed, denied, would-deny (audit mode) and no verdict (malformed or refused).
+Hour buckets read the writer's ``lookup_rollup`` for whole hours and raw rows only at the
+window's edges, as the summary does; minute buckets read raw rows in the window (a ts-range
+scan of at most six hours).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from resolver.log.report.query import (
 from resolver.log.schema import ROLLUP_SECONDS
 
 MINUTE_WINDOW_MAX = 6 * 3600
-OUTCOMES = ("allowed", "denied", "would deny (audit)", "invalid")
+OUTCOMES = ("allowed", "denied", "would deny (audit)", "malformed / refused")
 _OUTCOME_SQL = ("CASE WHEN r.verdict IS NULL OR r.verdict = -1 THEN 3 WHEN r.verdict = 1 THEN 0 "
                 "WHEN r.mode = 1 THEN 2 ELSE 1 END")
 
