@@ -34,7 +34,8 @@ from resolver.core.errors import UpstreamError
 from resolver.core.model import Decision
 from resolver.dns import wire
 from resolver.dns.cache import AnswerCache, Entry
-from resolver.dns.upstream import Cleaner, Upstream, UpstreamStats
+from resolver.dns.stats import UpstreamStats
+from resolver.dns.upstream import Cleaner, Upstream
 from resolver.policy.config import ClientPolicy, Config
 from resolver.policy.matcher import Matcher
 
