@@ -182,7 +182,6 @@ class App:
                     await asyncio.get_running_loop().run_in_executor(None, self.querylog.close)
         return 0
 
-
     def _start_metrics(self) -> None:
         from resolver.observe import metrics as m
 
