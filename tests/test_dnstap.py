@@ -254,3 +254,62 @@ def test_encoder_output_parses_with_dnstap_pb():
     assert fq.message.type == pb.Message.FORWARDER_QUERY
     assert socket.inet_ntoa(fq.message.response_address) == "192.0.2.53"
     assert not fq.message.HasField("policy") and not fq.message.HasField("response_message")
+
+
+def test_a_collector_that_stops_reading_never_holds_up_dns(upstream, dnsguard, tmp_path):
+    """A receiver that completes the handshake, then never reads: the writer's send blocks (in its
+    own thread, up to its I/O deadline), the queue fills, events are dropped and counted, and every
+    query is still answered."""
+    import threading
+    import urllib.request
+
+    import fstrm
+
+    sock_path = tmp_path / "stall.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fill up fast
+    listener.bind(str(sock_path))
+    listener.listen(4)
+    accepted: list[socket.socket] = []
+
+    def stall() -> None:
+        codec = fstrm.FstrmCodec()
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+            conn.settimeout(5)
+            try:
+                while not codec.append_and_process(conn.recv(codec.pending_nb_bytes())):
+                    pass
+                codec.decode()  # READY
+                conn.sendall(codec.encode_ctrlaccept(b"protobuf:dnstap.Dnstap"))
+            except OSError:
+                continue
+            # ... and from here on, never read again.
+
+    t = threading.Thread(target=stall, daemon=True)
+    t.start()
+    try:
+        g = dnsguard(make_policy([upstream.addr], allow=["allowed.test"], dnstap={"queue_max": 20}),
+                     "--dnstap", f"unix:{sock_path}", "--metrics", "127.0.0.1:0", "--no-log")
+        port = int(wait_until(lambda: METRICS_RE.search(g.stderr_text()), 10, what="metrics").group(1))
+
+        def figure(name: str) -> float:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                m = re.search(rf"^{name} (\S+)$", resp.read().decode(), re.MULTILINE)
+            assert m, name
+            return float(m.group(1))
+
+        wait_until(lambda: figure("dnsguard_dnstap_connected") == 1, 10, what="handshake done")
+        big = "x" * 60
+        for i in range(300):  # ~300 x 2 messages of ~150 bytes: far more than the socket buffers hold
+            assert g.query(f"{big}.q{i}.test", timeout=2).rcode() == dns.rcode.NXDOMAIN
+        assert figure("dnsguard_dnstap_dropped_total") > 0
+        assert g.stop() == 0  # and a stop is not held up by the stuck collector beyond its deadlines
+    finally:
+        listener.close()
+        for conn in accepted:
+            conn.close()
