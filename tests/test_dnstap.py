@@ -13,6 +13,7 @@ import signal
 import socket
 import struct
 import subprocess
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -70,6 +71,14 @@ def receivers():
     yield factory
     for r in started:
         r.stop()
+
+
+def metric(port: int, name: str) -> float:
+    """One unlabelled sample from dnsguard's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        m = re.search(rf"^{name} (\S+)$", resp.read().decode(), re.MULTILINE)
+    assert m, name
+    return float(m.group(1))
 
 
 def free_tcp_port() -> int:
@@ -188,8 +197,6 @@ def test_fstrm_capture_and_dnstap_read_with_policy(upstream, dnsguard, receivers
 
 def test_receiver_killed_and_restarted_mid_run(upstream, dnsguard, receivers, tmp_path):
     """DNS never waits for the collector; what could not be sent is counted; it reconnects."""
-    import urllib.request
-
     sock = tmp_path / "tap.sock"
     argv = [tool("dnstap"), "-u", str(sock), "-q", "-w"]
     first = receivers([*argv, str(tmp_path / "one.txt")], sock, tmp_path / "one.log")
@@ -198,10 +205,7 @@ def test_receiver_killed_and_restarted_mid_run(upstream, dnsguard, receivers, tm
     port = int(wait_until(lambda: METRICS_RE.search(g.stderr_text()), 10, what="metrics").group(1))
 
     def figure(name: str) -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            m = re.search(rf"^{name} (\S+)$", resp.read().decode(), re.MULTILINE)
-        assert m, name
-        return float(m.group(1))
+        return metric(port, name)
 
     for i in range(5):
         assert g.query(f"before{i}.test").rcode() == dns.rcode.NXDOMAIN
@@ -261,7 +265,6 @@ def test_a_collector_that_stops_reading_never_holds_up_dns(upstream, dnsguard, t
     own thread, up to its I/O deadline), the queue fills, events are dropped and counted, and every
     query is still answered."""
     import threading
-    import urllib.request
 
     import fstrm
 
@@ -298,10 +301,7 @@ def test_a_collector_that_stops_reading_never_holds_up_dns(upstream, dnsguard, t
         port = int(wait_until(lambda: METRICS_RE.search(g.stderr_text()), 10, what="metrics").group(1))
 
         def figure(name: str) -> float:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-                m = re.search(rf"^{name} (\S+)$", resp.read().decode(), re.MULTILINE)
-            assert m, name
-            return float(m.group(1))
+            return metric(port, name)
 
         wait_until(lambda: figure("dnsguard_dnstap_connected") == 1, 10, what="handshake done")
         big = "x" * 60
