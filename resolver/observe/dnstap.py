@@ -57,8 +57,8 @@ def question_name(msg: bytes) -> bytes | None:
 
 
 # -- protobuf, written directly -------------------------------------------------------------
-# Building dnstap-pb message objects costs ~24 µs per exchange in the writer thread, which holds
-# the GIL the event loop needs; writing the few fields directly costs a fraction of that. The
+# Building dnstap-pb message objects costs ~20 µs per client exchange in the writer thread, which
+# holds the GIL the event loop needs; writing the few fields directly costs ~5 µs. The
 # field numbers and enum values come from dnstap-pb's descriptors, so they cannot drift from the
 # schema, and tests parse what we write with dnstap-pb and with independent receivers.
 
@@ -166,6 +166,7 @@ class Encoder:
                       + _key(_num(pb.Dnstap, "version"), 2) + _varint(len(ver)) + ver + _D_TYPE_MESSAGE)
         self.policy_of = policy_of
         self._rules: dict[tuple[str | None, bool], bytes] = {}
+        self._fixed: dict[tuple, bytes] = {}
 
     def encode(self, ev: tuple) -> list[bytes]:
         if ev[0] == "client":
@@ -191,9 +192,15 @@ class Encoder:
     def _client(self, transport: str, client: tuple, local: tuple, query: bytes, resp: bytes | None,
                 t_in: float, t_out: float) -> list[bytes]:
         ip = client[0] if client else ""
-        common = (_FAMILY(pb.INET6 if ":" in ip else pb.INET) + _PROTOCOL(_PROTO[transport])
-                  + _endpoint(client, _QADDR, _QPORT) + _endpoint(local, _RADDR, _RPORT)
-                  + _time(t_in, _QSEC, _QNSEC))
+        v6 = ":" in ip
+        # Family, protocol and our own address repeat for every message of a listener.
+        fixed = self._fixed.get((transport, v6, local))
+        if fixed is None:
+            fixed = (_FAMILY(pb.INET6 if v6 else pb.INET) + _PROTOCOL(_PROTO[transport])
+                     + _endpoint(local, _RADDR, _RPORT))
+            if len(self._fixed) < 1024:
+                self._fixed[(transport, v6, local)] = fixed
+        common = fixed + _endpoint(client, _QADDR, _QPORT) + _time(t_in, _QSEC, _QNSEC)
         policy = self._policy(ip, query)
         head = self._head
         out = [head + _D_MESSAGE(_CQ + common + _QMSG(query) + policy)]
