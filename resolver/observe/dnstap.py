@@ -1,8 +1,9 @@
 """dnstap output: every exchange, as protobuf ``dnstap.Dnstap`` messages over Frame Streams.
 
 The query path only calls ``DnstapWriter.sink`` (a bounded deque append, or a drop counted);
-a writer thread turns the queued events into protobuf (the ``dnstap-pb`` classes), talks
-Frame Streams to the collector, and reconnects with a growing back-off when it goes away.
+a writer thread turns the queued events into protobuf (written directly, with the field
+numbers of the ``dnstap-pb`` schema; see below), talks Frame Streams to the collector,
+and reconnects with a growing back-off when it goes away.
 DNS never waits for the collector: past ``queue_max`` waiting events, new ones are dropped
 and counted (``dropped``, in events: one client exchange or one upstream exchange, one or
 two messages each; exposed as a metric and reported on stderr).
