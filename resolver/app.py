@@ -37,6 +37,8 @@ class ServeOptions:
     log_enabled: bool | None = None
     firewall: bool | None = None
     watch_interval: float = 1.0
+    metrics: tuple[str, int] | None = None  # --metrics HOST:PORT
+    dnstap: str | None = None  # --dnstap unix:/PATH | tcp:HOST:PORT
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -57,6 +59,10 @@ def apply_overrides(config: Config, opts: ServeOptions) -> Config:
     if opts.firewall is not None:
         firewall = replace(firewall, enabled=opts.firewall)
     changes: dict[str, Any] = {"server": server, "upstream": upstream, "log": log, "firewall": firewall}
+    if opts.metrics is not None:
+        changes["metrics"] = replace(config.metrics, listen=opts.metrics)
+    if opts.dnstap is not None:
+        changes["dnstap"] = replace(config.dnstap, address=opts.dnstap)
     if opts.mode is not None:
         changes["mode"] = opts.mode
         # An explicit --mode applies to every client, named ones included.
@@ -73,6 +79,9 @@ class App:
                                 "(/etc/resolv.conf lists none besides dnsguard itself)")
         self.querylog: Any = None
         self.feeder: Any = None
+        self.metrics: Any = None
+        self.dnstap: Any = None
+        self.reloads = {"ok": 0, "rejected": 0}
         self._mtime = self._stat()
 
     def _stat(self) -> tuple[float, int] | None:
@@ -90,6 +99,7 @@ class App:
         except Exception as exc:  # whatever is wrong with the new file, the running policy stays
             print(f"dnsguard: policy reload ({reason}) rejected, keeping the running policy: {exc}",
                   file=sys.stderr, flush=True)
+            self.reloads["rejected"] += 1
             return False
         self.config = new
         self.resolver.use(new)
@@ -97,6 +107,7 @@ class App:
             # Off the loop: a busy database must not stall answers.
             asyncio.get_running_loop().run_in_executor(
                 None, record_policy, new.log.database, new.text, new.sha256, new.path)
+        self.reloads["ok"] += 1
         print(f"dnsguard: policy reloaded ({reason}): {new.matcher.rule_count} rules, mode {new.mode}",
               file=sys.stderr, flush=True)
         return True
@@ -131,11 +142,23 @@ class App:
             from resolver.fence.feeder import make_feeder
 
             self.feeder = make_feeder(cfg, self.querylog)
-        self.resolver = Resolver(cfg, submit=self.querylog.submit if self.querylog else None,
-                                 feeder=self.feeder)
-        server = DnsServer(cfg, self.resolver, on_reload=self.reload)
+        submit = self.querylog.submit if self.querylog else None
+        tap = None
+        if cfg.dnstap.address is not None:
+            from resolver.observe.dnstap import DnstapWriter
+
+            t = cfg.dnstap
+            self.dnstap = DnstapWriter(t.address, identity=t.identity, version=t.version,
+                                       queue_max=t.queue_max, policy_of=self._policy_of())
+            self.dnstap.start()
+            tap = self.dnstap.sink
+        self.resolver = Resolver(cfg, submit=submit, feeder=self.feeder, tap=tap)
+        server = DnsServer(cfg, self.resolver, on_reload=self.reload, tap=tap)
         watcher = None
         try:
+            if cfg.metrics.listen is not None:
+                self.resolver.counts = {}
+                self._start_metrics()
             await server.start()
             watcher = asyncio.get_running_loop().create_task(self._watch())
             await server.serve_forever()
@@ -148,12 +171,52 @@ class App:
                 if self.feeder is not None:
                     self.feeder.close()
                 self.resolver.upstream.close()
+                if self.metrics is not None:
+                    self.metrics.stop()
+                if self.dnstap is not None:
+                    await asyncio.get_running_loop().run_in_executor(None, self.dnstap.stop)
             finally:
                 if self.querylog is not None:
                     # Drain off the loop thread: the writer may need a moment to commit.
                     self.querylog.stop_flushing()
                     await asyncio.get_running_loop().run_in_executor(None, self.querylog.close)
         return 0
+
+    def _start_metrics(self) -> None:
+        from resolver.observe import metrics as m
+
+        self.metrics = reg = m.Metrics()
+        reg.add(m.query_reader(self.resolver))
+        reg.add(m.resolver_reader(self.resolver))
+        reg.add(m.policy_reader(self))
+        if self.querylog is not None:
+            reg.add(m.log_reader(self.querylog))
+        if self.feeder is not None:
+            reg.add(m.fence_reader(self.feeder))
+        if self.dnstap is not None:
+            reg.add(m.dnstap_reader(self.dnstap))
+        host, port = self.config.metrics.listen
+        bound = reg.start(host, port)
+        where = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
+        print(f"dnsguard: metrics on http://{where}/metrics", file=sys.stderr, flush=True)
+
+    def _policy_of(self) -> Any:
+        """For the dnstap writer thread: (client, name) -> (rule, audit) when the policy denies."""
+        views: dict[tuple[int, str], Any] = {}
+
+        def policy_of(ip: str, qname: bytes) -> tuple[str | None, bool] | None:
+            cfg = self.resolver.config
+            key = (id(cfg), ip)
+            view = views.get(key)
+            if view is None:
+                if len(views) >= 4096:
+                    views.clear()
+                view = views[key] = Resolver.view_for(cfg, ip)
+            if not view.served:
+                return None
+            d = view.decide(qname)  # memoised per view, bounded
+            return None if d.allowed else (d.rule, view.audit)
+        return policy_of
 
 
 def raise_fd_limit() -> None:

@@ -19,6 +19,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from array import array
 from collections.abc import Callable
@@ -600,3 +601,89 @@ def busy_other_processes(exclude: set[int]) -> list[str]:
         if pid in a and (t1 - a[pid][1]) / 0.5 > 0.1:
             busy.append(f"{comm}[{pid}] {100 * (t1 - a[pid][1]) / 0.5:.0f}%")
     return busy
+
+
+# ---------------------------------------------------------------- metrics / dnstap rows
+
+class Observe:
+    """What a ``+metrics`` / ``+dnstap`` row adds around dnsguard: a scraper polling /metrics once
+    a second (as Prometheus would, only more often) and a real dnstap receiver, fstrm_capture."""
+
+    def __init__(self, procs: Procs, work: Path, cpu: int | None, *, metrics: bool, dnstap: bool) -> None:
+        self.procs, self.work, self.cpu, self.metrics, self.dnstap = procs, work, cpu, metrics, dnstap
+        self.sock = work / "dnstap.sock"
+        self.capture = work / "dnstap.fstrm"
+        self.receiver: subprocess.Popen | None = None
+        self.scrapes = 0
+        self.scrape_errors = 0
+        self.frames: int | None = None
+        self.dropped: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def args(self) -> list[str]:
+        out = []
+        if self.metrics:
+            out += ["--metrics", "127.0.0.1:0"]
+        if self.dnstap:
+            if not shutil.which("fstrm_capture"):
+                raise RuntimeError("fstrm_capture is missing (apt-get install fstrm-bin)")
+            self.sock.unlink(missing_ok=True)
+            (self.work / "fstrm_capture.log").unlink(missing_ok=True)
+            self.receiver = self.procs.start(
+                ["fstrm_capture", "-t", "protobuf:dnstap.Dnstap", "-u", str(self.sock),
+                 "-w", str(self.capture)], cpu=self.cpu, log=self.work / "fstrm_capture.log")
+            end = time.monotonic() + 10
+            while not self.sock.exists() and time.monotonic() < end:
+                time.sleep(0.05)
+            out += ["--dnstap", f"unix:{self.sock}"]
+        return out
+
+    def started(self, err: Path) -> None:
+        if not self.metrics:
+            return
+        m = None
+        end = time.monotonic() + 10
+        while m is None and time.monotonic() < end:
+            m = re.search(r"metrics on (http://\S+/metrics)", err.read_text(errors="replace"))
+            time.sleep(0.05)
+        if m is None:
+            raise RuntimeError("dnsguard did not report its metrics address")
+        self._thread = threading.Thread(target=self._scrape, args=(m.group(1),), daemon=True)
+        self._thread.start()
+
+    def _scrape(self, url: str) -> None:
+        import urllib.request
+
+        while not self._stop.wait(1.0):
+            try:
+                with urllib.request.urlopen(url, timeout=5) as resp:
+                    resp.read()
+                self.scrapes += 1
+            except OSError:
+                self.scrape_errors += 1
+
+    def stop_scraping(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def stop(self, err: Path) -> None:
+        self.stop_scraping()
+        if self.receiver is not None:
+            self.procs.stop(self.receiver)
+            log = (self.work / "fstrm_capture.log").read_text(errors="replace")
+            m = re.search(r"wrote (\d+) frames", log)
+            self.frames = int(m.group(1)) if m else None
+            d = re.search(r"dnstap: (\d+) events dropped in all", err.read_text(errors="replace"))
+            self.dropped = int(d.group(1)) if d else 0
+            self.capture.unlink(missing_ok=True)
+
+    def summary(self) -> str:
+        parts = []
+        if self.metrics:
+            parts.append(f"{self.scrapes} scrapes of /metrics ({self.scrape_errors} failed)")
+        if self.dnstap:
+            parts.append(f"dnstap: fstrm_capture wrote {self.frames} frames; "
+                         f"dnsguard dropped {self.dropped} events")
+        return "; ".join(parts)

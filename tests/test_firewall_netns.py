@@ -8,6 +8,8 @@ the root namespace (checked at the end of the module).
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -491,7 +493,8 @@ def test_serve_firewall_end_to_end(topo, servers, dnsmasq, router, tmp_path) -> 
                       f'[allow]\ndomains = ["allowed.test"]\n[log]\ndatabase = "{db}"\n'
                       '[firewall]\nenabled = true\nmin_ttl = 2\nmax_ttl = 30\n')
     proc = topo.spawn(topo.router, sys.executable, "-m", "resolver", "serve", "--policy", str(policy),
-                      "--firewall", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                      "--firewall", "--metrics", "127.0.0.1:9153", stdout=subprocess.DEVNULL,
+                      stderr=subprocess.PIPE, text=True, cwd=REPO,
                       env={**os.environ, "PYTHONPATH": str(REPO)})
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
@@ -537,6 +540,7 @@ def test_serve_firewall_end_to_end(topo, servers, dnsmasq, router, tmp_path) -> 
             AGENT4, "tcp", "blocked", "allowed.test")
         st = fw.status(router, [(ROUTER_IN4, 53)], spec)
         assert st.ok, st.describe()
+        _check_fence_metrics(topo)
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -545,3 +549,30 @@ def test_serve_firewall_end_to_end(topo, servers, dnsmasq, router, tmp_path) -> 
     # fail closed: the resolver is gone, status says so; entries only expire from here on
     st = fw.status(router, [(ROUTER_IN4, 53)])
     assert not st.ok and any("fail closed" in p for p in st.problems)
+
+
+def _check_fence_metrics(topo: Topology) -> None:
+    """/metrics in the router's namespace: the fence's figures, read by the scrape's own netlink socket."""
+    with topo.socket(topo.router) as s:
+        s.settimeout(5)
+        s.connect(("127.0.0.1", 9153))
+        s.sendall(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        raw = b"".join(iter(lambda: s.recv(65536), b""))
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200"), head
+    text = body.decode()
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is not installed (apt-get install prometheus)"
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True,
+                           timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    def figure(line_start: str) -> float:
+        m = re.search(rf"^{re.escape(line_start)} (\S+)$", text, re.MULTILINE)
+        assert m, f"{line_start} missing from:\n{text}"
+        return float(m.group(1))
+
+    assert figure('dnsguard_fence_set_entries{family="ipv4"}') >= 1  # allowed.test's address
+    assert figure("dnsguard_fence_feeds_total") >= 1
+    assert figure("dnsguard_fence_blocked_recorded_total") >= 2
+    assert figure("dnsguard_fence_feed_errors_total") == 0

@@ -13,7 +13,7 @@ import click
 from resolver import __version__
 from resolver.core.errors import DnsguardError
 from resolver.core.names import text_to_wire
-from resolver.policy.config import default_policy_path, load_config, parse_hostport
+from resolver.policy.config import default_policy_path, load_config, parse_dnstap_address, parse_hostport
 
 
 def _hostports(values: tuple[str, ...], default_port: int) -> tuple[tuple[str, int], ...]:
@@ -24,6 +24,13 @@ def _hostports(values: tuple[str, ...], default_port: int) -> tuple[tuple[str, i
         except ValueError as exc:
             raise click.BadParameter(str(exc)) from None
     return tuple(out)
+
+
+def _dnstap_address(value: str) -> str:
+    try:
+        return parse_dnstap_address(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--dnstap") from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,8 +55,13 @@ def main() -> None:
 @click.option("--no-log", is_flag=True, help="Do not record lookups.")
 @click.option("--firewall/--no-firewall", default=None,
               help="Feed addresses from allowed answers into the firewall sets.")
+@click.option("--metrics", "metrics", metavar="HOST:PORT",
+              help="Serve Prometheus metrics on http://HOST:PORT/metrics (overrides [metrics] listen).")
+@click.option("--dnstap", "dnstap", metavar="ADDR",
+              help="Send dnstap to unix:/PATH or tcp:HOST:PORT (overrides [dnstap] address).")
 def serve(policy_path: str | None, listen: tuple[str, ...], mode: str | None, upstream: tuple[str, ...],
-          db: str | None, no_log: bool, firewall: bool | None) -> None:
+          db: str | None, no_log: bool, firewall: bool | None, metrics: str | None,
+          dnstap: str | None) -> None:
     """Run the DNS server.
 
     Answers names the policy allows (forwarded upstream, cached), NXDOMAIN for
@@ -71,6 +83,8 @@ def serve(policy_path: str | None, listen: tuple[str, ...], mode: str | None, up
         db=db,
         log_enabled=False if no_log else None,
         firewall=firewall,
+        metrics=_hostports((metrics,), 9153)[0] if metrics else None,
+        dnstap=_dnstap_address(dnstap) if dnstap else None,
     )
     try:
         code = run(opts)

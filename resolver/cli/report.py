@@ -17,7 +17,7 @@ from resolver.cli.common import DEFAULT_DB, run_command
 from resolver.log import report as rpt
 
 DEFAULT_SINCE = "24h"
-FORMATS = ("table", "json", "csv")
+FORMATS = ("table", "json", "csv", "html")
 
 
 # ------------------------------------------------------------------- options
@@ -75,6 +75,23 @@ def _open(opts: _Opts) -> Any:
 
 
 _run = run_command
+
+
+def _write(path: str | None, text: str) -> None:
+    if path is None:
+        click.echo(text)
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    except OSError as exc:
+        raise rpt.ReportError(f"cannot write {path}: {exc}") from None
+    click.echo(f"wrote {path}", err=True)
+
+
+def _no_html(opts: _Opts) -> None:
+    if opts.fmt == "html":
+        raise rpt.ReportError("--format html is for the summary (`dnsguard report`), not this view")
 
 
 # ----------------------------------------------------------------- formatting
@@ -261,8 +278,10 @@ def _summary_table(data: dict, colour: bool) -> list[str]:
 @_common_options
 @click.option("--top", type=click.IntRange(1, 10_000), default=10, show_default=True,
               help="rows in each top list")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
+              help="write the report to FILE instead of stdout (for --format html)")
 @click.pass_context
-def report(ctx: click.Context, top: int, fmt: str | None, **kw: Any) -> None:
+def report(ctx: click.Context, top: int, fmt: str | None, output: str | None, **kw: Any) -> None:
     """Summarise the lookup log: what was asked, what was denied, what failed.
 
     Without a subcommand prints the summary for the window (default the last 24h):
@@ -280,6 +299,7 @@ def report(ctx: click.Context, top: int, fmt: str | None, **kw: Any) -> None:
       dnsguard report --db /var/lib/dnsguard/dnsguard.db --name '*.github.com' --format json
       dnsguard report names --client 127.0.0.1
       dnsguard report tail -f
+      dnsguard report --since 7d --format html -o report.html
     """
     opts = _Opts(fmt=fmt, **kw)
     ctx.obj = opts
@@ -291,7 +311,16 @@ def report(ctx: click.Context, top: int, fmt: str | None, **kw: Any) -> None:
         since, until = _window(opts, DEFAULT_SINCE, now)
         db = _open(opts)
         data = rpt.summary(db, since=since, until=until, filters=_filters(opts), top=top, now=now)
-        if opts.fmt == "json":
+        if opts.fmt == "html":
+            from resolver.log.report import html, series
+
+            filters = _filters(opts)
+            page = html.render(data, series.series(db, since=since, until=until, filters=filters, now=now),
+                               series.clients(db, since=since, until=until, filters=filters, top=top))
+            _write(output, page)
+        elif output is not None:
+            raise rpt.ReportError("-o/--output is for --format html")
+        elif opts.fmt == "json":
             click.echo(json.dumps(data, indent=2))
         elif opts.fmt == "csv":
             click.echo(_summary_csv(data), nl=False)
@@ -326,6 +355,7 @@ def names_cmd(ctx: click.Context, sort: str, limit: int, fmt: str | None, **kw: 
     opts = _Opts(fmt=fmt, **kw).merged(ctx.obj)
 
     def go() -> None:
+        _no_html(opts)
         now = time.time()
         since, until = _window(opts, DEFAULT_SINCE, now)
         db = _open(opts)
@@ -431,6 +461,7 @@ def tail_cmd(ctx: click.Context, count: int, follow: bool, interval: float, fmt:
     opts = _Opts(fmt=fmt, **kw).merged(ctx.obj)
 
     def go() -> None:
+        _no_html(opts)
         if follow and opts.until:
             raise rpt.ReportError("--follow cannot be combined with --until")
         now = time.time()

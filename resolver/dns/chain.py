@@ -34,6 +34,7 @@ from resolver.core.errors import UpstreamError
 from resolver.core.model import Decision
 from resolver.dns import wire
 from resolver.dns.cache import AnswerCache, Entry
+from resolver.dns.stats import UpstreamStats
 from resolver.dns.upstream import Cleaner, Upstream
 from resolver.policy.config import ClientPolicy, Config
 from resolver.policy.matcher import Matcher
@@ -131,9 +132,15 @@ def classify(config: Config, ip: str, named: Named,
 class Resolver:
     """The query path, bound to one policy at a time (``use`` swaps it atomically)."""
 
-    def __init__(self, config: Config, *, submit: Submit | None = None, feeder: Any = None) -> None:
+    def __init__(self, config: Config, *, submit: Submit | None = None, feeder: Any = None,
+                 tap: Callable[[tuple], None] | None = None) -> None:
         self.submit = submit
         self.feeder = feeder
+        self.tap = tap  # dnstap sink for upstream exchanges; None when dnstap is off
+        # /metrics: queries by (verdict, mode, transport, rcode), one dict update per answer; the
+        # collector reads a copy at scrape time. None when metrics are off (one `is None` check).
+        self.counts: dict[tuple, int] | None = None
+        self.upstream_stats = UpstreamStats()
         self.cache = AnswerCache(config.cache.max_entries)
         self._inflight: dict[bytes, asyncio.Future[Entry]] = {}
         self.max_inflight = inflight_limit()
@@ -154,7 +161,8 @@ class Resolver:
         if old is not None and old.servers == tuple(config.upstream.servers):
             old.timeout = config.upstream.timeout  # keep the socket pools
         else:
-            self.upstream = Upstream(config.upstream.servers, config.upstream.timeout)
+            self.upstream = Upstream(config.upstream.servers, config.upstream.timeout, self.upstream_stats,
+                                     self.tap)
             if old is not None:
                 old.retire()
         self.cleaner = Cleaner(config.cache.negative_max_ttl, config.allow_cidrs)
@@ -212,10 +220,13 @@ class Resolver:
                 # these bytes passed every one of them when the answer was made.
                 fast = self._fast.get((ip, data[2:]))
                 if fast is not None:
-                    entry, tail, fields, age, key, note = fast
+                    entry, tail, fields, age, key, note, mkey = fast
                     if entry is None or (entry.live and entry.expires > t0 and int(t0 - entry.stored) == age):
                         if entry is not None:
                             self.cache.touch(key)
+                        counts = self.counts
+                        if counts is not None:
+                            counts[mkey] = counts.get(mkey, 0) + 1
                         submit = self.submit
                         if submit is not None:
                             submit((t0 + self._wall_offset, ip, "udp", *fields,
@@ -241,6 +252,10 @@ class Resolver:
                     # client's size (RFC 6891): answer without the text rather than truncated.
                     resp = wire.local_answer(data, qend, wire.NXDOMAIN, udp_size, do,
                                              wire.opt_record(do, wire.ede_option(wire.EDE_BLOCKED, "")))
+                counts = self.counts
+                if counts is not None:
+                    mkey = ("deny", view.mode, transport, wire.NXDOMAIN)
+                    counts[mkey] = counts.get(mkey, 0) + 1
                 submit = self.submit
                 if submit is not None:  # inlined self._log: this is the hot path
                     submit((t0 + self._wall_offset, ip, transport, qname, qtype, "deny", view.mode, d.rule,
@@ -266,6 +281,10 @@ class Resolver:
                 resp = entry.response(data, qend, udp_size, do, t0)
                 if transport == "udp" and len(resp) > (min(udp_size, wire.EDNS_PAYLOAD) if udp_size else 512):
                     resp = wire.truncated(resp, qend, udp_size, do)
+                counts = self.counts
+                if counts is not None:
+                    mkey = (d.verdict, view.mode, transport, entry.rcode)
+                    counts[mkey] = counts.get(mkey, 0) + 1
                 submit = self.submit
                 if submit is not None:  # inlined self._log: this is the hot path
                     submit((t0 + self._wall_offset, ip, transport, qname, qtype, d.verdict, view.mode, d.rule,
@@ -296,7 +315,10 @@ class Resolver:
         fast = self._fast
         if len(fast) >= _MAX_FAST:
             fast.clear()  # bounded: a client cycling through names only costs re-memoising
-        fast[(ip, data[2:])] = (entry, resp[2:], fields, age, key, note)
+        # fields: (qname, qtype, verdict, mode, rule, rcode, answers, cached); the metrics key is
+        # made here once, not on every memoised answer.
+        fast[(ip, data[2:])] = (entry, resp[2:], fields, age, key, note,
+                                (fields[2], fields[3], "udp", fields[5]))
 
     async def _miss(self, data: bytes, ip: str, transport: str, t0: float, name_end: int, qend: int,
                     qtype: int, udp_size: int, do: int, key: bytes, qname: bytes, view: ClientView,
@@ -389,6 +411,10 @@ class Resolver:
     def _log(self, t0: float, ip: str, transport: str, qname: bytes | None, qtype: int | None,
              verdict: str | None, mode: str, rule: str | None, rcode: int | None, answers: str | None,
              cached: bool, note: str | None) -> None:
+        counts = self.counts
+        if counts is not None:
+            mkey = (verdict, mode, transport, rcode)
+            counts[mkey] = counts.get(mkey, 0) + 1
         submit = self.submit
         if submit is not None:
             submit((t0 + self._wall_offset, ip, transport, qname, qtype, verdict, mode, rule, rcode, answers,

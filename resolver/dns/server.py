@@ -26,6 +26,10 @@ from typing import Any
 from resolver.dns.chain import Resolver
 from resolver.policy.config import Config, HostPort
 
+# dnstap sink: ("client", transport, client addr, local addr, query, answer or None, t_in, t_out),
+# wall-clock times. It only enqueues; None when dnstap is off.
+Tap = Callable[[tuple], None]
+
 
 def _format_listen(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -53,18 +57,24 @@ def _grow_receive_buffer(sock: socket.socket | None) -> None:
 
 
 class UdpProtocol(asyncio.DatagramProtocol):
-    __slots__ = ("handle", "transport", "tasks", "sendto")
+    __slots__ = ("handle", "transport", "tasks", "sendto", "tap", "local")
 
-    def __init__(self, resolver: Resolver, tasks: set[asyncio.Task]) -> None:
+    def __init__(self, resolver: Resolver, tasks: set[asyncio.Task], tap: Tap | None = None) -> None:
         self.handle = resolver.handle
         self.tasks = tasks
+        self.tap = tap
+        self.local: tuple = ()
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.sendto = transport.sendto  # type: ignore[attr-defined]
+        self.local = transport.get_extra_info("sockname") or ()
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
+        if self.tap is not None:  # dnstap on: the whole cost when off is this check
+            self._tapped(data, addr)
+            return
         r = self.handle(data, addr[0], "udp")
         if r is None:
             return
@@ -75,10 +85,24 @@ class UdpProtocol(asyncio.DatagramProtocol):
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _finish(self, coro: Any, addr: tuple) -> None:
+    def _tapped(self, data: bytes, addr: tuple) -> None:
+        t_in = time.time()
+        r = self.handle(data, addr[0], "udp")
+        if r is None or r.__class__ is bytes:
+            if r is not None:
+                self.sendto(r, addr)
+            self.tap(("client", "udp", addr, self.local, data, r, t_in, time.time()))  # type: ignore[misc]
+            return
+        task = asyncio.get_running_loop().create_task(self._finish(r, addr, data, t_in))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _finish(self, coro: Any, addr: tuple, data: bytes = b"", t_in: float = 0.0) -> None:
         resp = await coro
         if resp is not None and self.transport is not None and not self.transport.is_closing():
             self.sendto(resp, addr)
+        if t_in:
+            self.tap(("client", "udp", addr, self.local, data, resp, t_in, time.time()))  # type: ignore[misc]
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors for earlier replies (client went away): nothing to do, keep serving.
@@ -100,9 +124,12 @@ class TcpProtocol(asyncio.Protocol):
     def __init__(self, server: DnsServer) -> None:
         self.server = server
         self.handle = server.resolver.handle
+        self.tap = server.tap
         self.buf = bytearray()
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
+        self.peer_addr: tuple = ()
+        self.local: tuple = ()
         self.last_active = time.monotonic()
         self.partial_since: float | None = None  # when the frame still being received began
         self.pending = 0
@@ -114,6 +141,8 @@ class TcpProtocol(asyncio.Protocol):
         transport.set_write_buffer_limits(high=self.WRITE_HIGH)  # type: ignore[attr-defined]
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else "?"
+        self.peer_addr = peer or ()
+        self.local = transport.get_extra_info("sockname") or ()
         self.server.tcp_opened(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -151,14 +180,17 @@ class TcpProtocol(asyncio.Protocol):
                 break
             msg = bytes(buf[2:2 + size])
             del buf[:2 + size]
+            t_in = time.time() if self.tap is not None else 0.0
             r = self.handle(msg, self.peer, "tcp")
-            if r is None:
-                continue
-            if r.__class__ is bytes:
-                self._send(r)
+            if r is None or r.__class__ is bytes:
+                if r is not None:
+                    self._send(r)
+                if t_in:
+                    self.tap(("client", "tcp", self.peer_addr, self.local, msg, r, t_in,  # type: ignore[misc]
+                              time.time()))
             else:
                 self.pending += 1
-                task = asyncio.get_running_loop().create_task(self._finish(r))
+                task = asyncio.get_running_loop().create_task(self._finish(r, msg, t_in))
                 self.server.tasks.add(task)
                 task.add_done_callback(self.server.tasks.discard)
         # A frame trickled in a byte at a time must not keep the connection alive forever:
@@ -170,11 +202,14 @@ class TcpProtocol(asyncio.Protocol):
             self.partial_since = None
         self._update_reading()
 
-    async def _finish(self, coro: Any) -> None:
+    async def _finish(self, coro: Any, msg: bytes, t_in: float) -> None:
         try:
             resp = await coro
             if resp is not None:
                 self._send(resp)
+            if t_in:
+                self.tap(("client", "tcp", self.peer_addr, self.local, msg, resp, t_in,  # type: ignore[misc]
+                          time.time()))
         finally:
             self.pending -= 1
             self.last_active = time.monotonic()
@@ -196,9 +231,10 @@ class DnsServer:
     """Owns the listeners, the resolver, and the background tasks."""
 
     def __init__(self, config: Config, resolver: Resolver, *, announce: Callable[[str], None] | None = None,
-                 on_reload: Callable[[], None] | None = None) -> None:
+                 on_reload: Callable[[], None] | None = None, tap: Tap | None = None) -> None:
         self.config = config
         self.resolver = resolver
+        self.tap = tap
         self.announce = announce or (lambda line: print(line, file=sys.stderr, flush=True))
         self.on_reload = on_reload
         self.tasks: set[asyncio.Task] = set()
@@ -241,7 +277,7 @@ class DnsServer:
                 udp_t = tcp_s = None
                 try:
                     udp_t, _ = await loop.create_datagram_endpoint(
-                        lambda: UdpProtocol(self.resolver, self.tasks), local_addr=(host, port),
+                        lambda: UdpProtocol(self.resolver, self.tasks, self.tap), local_addr=(host, port),
                         family=socket.AF_INET6 if ":" in host else socket.AF_INET)
                     real_port = udp_t.get_extra_info("sockname")[1]
                     _grow_receive_buffer(udp_t.get_extra_info("socket"))

@@ -26,6 +26,8 @@ import json
 import os
 import socket
 import struct
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import dns.exception
@@ -42,6 +44,7 @@ from resolver.core.errors import UpstreamError
 from resolver.core.names import wire_to_text
 from resolver.dns import wire
 from resolver.dns.outgoing import PortPool
+from resolver.dns.stats import UpstreamStats
 
 HostPort = tuple[str, int]
 # One encoder for every miss: json.dumps with options builds a new JSONEncoder per call.
@@ -52,13 +55,21 @@ _KEEP_AUTHORITY = frozenset((dns.rdatatype.SOA, dns.rdatatype.NSEC, dns.rdatatyp
 
 
 class Upstream:
-    """A list of upstream servers with failover and a shared deadline."""
+    """A list of upstream servers with failover and a shared deadline.
 
-    def __init__(self, servers: tuple[HostPort, ...], timeout: float) -> None:
+    ``tap``, when set, is called with ("fwd", server, protocol, query, reply or None, sent,
+    received) -- wall-clock times -- for every exchange (dnstap FORWARDER_QUERY/RESPONSE).
+    """
+
+    def __init__(self, servers: tuple[HostPort, ...], timeout: float, stats: UpstreamStats | None = None,
+                 tap: Callable[[tuple], None] | None = None) -> None:
         if not servers:
             raise UpstreamError("no upstream servers configured (and none in /etc/resolv.conf)")
         self.servers = tuple(servers)
         self.timeout = timeout
+        self.stats = stats if stats is not None else UpstreamStats()
+        self.tap = tap
+        self._names = {s: _fmt(s) for s in self.servers}
         self.pools = {server: PortPool(server, _matches) for server in self.servers}
 
     def close(self) -> None:
@@ -85,25 +96,48 @@ class Upstream:
             budget = left / (len(self.servers) - idx)
             qid = os.urandom(2)
             packet = wire.build_query(qid, question, do)
+            name = self._names[server]
+            tap = self.tap
+            clock = time.monotonic  # not loop.time(): uvloop's ticks in whole milliseconds
+            sent = clock()
+            proto = "udp"
+            reply = None
             try:
                 # The pool keeps its own deadline (one timer, no timeout scope: this is per miss).
                 until = loop.time() + budget
                 reply = await self.pools[server].exchange(packet, question, name_len, until)
                 if reply[2] & 0x02:  # TC: the full answer only fits over TCP
+                    if tap is not None:
+                        self._tap(tap, server, proto, packet, reply, sent, clock())
+                    proto, sent, reply = "tcp", clock(), None
                     async with asyncio.timeout_at(until):
                         reply = await _tcp(server, packet, qid, question, name_len)
             except TimeoutError:
-                reasons.append(f"{_fmt(server)}: timeout")
+                self.stats.error(name, "timeout")
+                reasons.append(f"{name}: timeout")
                 continue
             except (OSError, ValueError) as exc:
-                reasons.append(f"{_fmt(server)}: {exc.__class__.__name__}: {exc}")
+                self.stats.error(name, "network" if isinstance(exc, OSError) else "malformed")
+                reasons.append(f"{name}: {exc.__class__.__name__}: {exc}")
                 continue
+            finally:
+                if tap is not None:
+                    self._tap(tap, server, proto, packet, reply, sent, clock())
+            self.stats.observe(name, clock() - sent)
             rcode = reply[3] & 0x0F
             if rcode in _RETRY_RCODES:
-                reasons.append(f"{_fmt(server)}: rcode {rcode}")
+                self.stats.error(name, "rcode")
+                reasons.append(f"{name}: rcode {rcode}")
                 continue
             return reply
         raise UpstreamError("; ".join(reasons) or "no upstream answered")
+
+    @staticmethod
+    def _tap(tap: Callable[[tuple], None], server: HostPort, proto: str, packet: bytes, reply: bytes | None,
+             sent: float, received: float) -> None:
+        # The clock is monotonic; dnstap wants wall-clock seconds.
+        off = time.time() - time.monotonic()
+        tap(("fwd", server, proto, packet, reply, sent + off, received + off))
 
 
 def _fmt(server: HostPort) -> str:

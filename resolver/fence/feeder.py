@@ -34,14 +34,30 @@ class Fence:
         self.feeder = feeder
         self.recorder = recorder
         self.refresh = refresh
+        self.feeds = 0  # answers whose addresses went to the sets (metrics)
 
     def feed(self, entry: Fed, qname: bytes, now: float) -> None:
         if now - entry.fed_at < self.refresh:
             return
         entry.fed_at = now
+        self.feeds += 1
         age = int(now - entry.stored)
         # The wire name goes as is: the NFLOG recorder turns it into text off the hot path.
         self.feeder.feed([(ip, ttl - age) for ip, ttl in entry.addrs], qname)
+
+    def set_entries(self) -> dict[str, int]:
+        """Entries per family ("ipv4"/"ipv6"), asked over a socket of the caller's own.
+
+        The feeder's socket belongs to the event loop; a scrape runs in another thread.
+        """
+        f = self.feeder
+        out = {}
+        with SetFeeder(set4=f.set4, set6=f.set6, netns=f.netns) as reader:
+            for family, name in (("ipv4", f.set4), ("ipv6", f.set6)):
+                info = reader.info(name)
+                if info is not None and info.entries is not None:
+                    out[family] = info.entries
+        return out
 
     def close(self) -> None:
         if self.recorder is not None:

@@ -58,6 +58,7 @@ class ProcessLog:
         self.queue_max = queue_max
         self.retention_days = retention_days
         self.overflow = 0  # counted here; handed to the child, which stores it
+        self.handed = 0  # rows serialised for the writer (counted per batch, off the hot path)
         self._sent_overflow = 0
         self._pending: list[tuple] = []
         self._out = bytearray()
@@ -124,6 +125,7 @@ class ProcessLog:
                 del self._pending[:MAX_BATCH]
             try:
                 self._frame(("rows", batch))
+                self.handed += len(batch)
             except Exception as exc:  # cannot happen for what the server submits; counted if it does
                 self.overflow += len(batch)
                 print(f"dnsguard: lookup log: {len(batch)} records could not be serialised ({exc}); "

@@ -70,6 +70,19 @@ class FirewallSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    listen: HostPort | None = None  # None: no /metrics endpoint
+
+
+@dataclass(frozen=True)
+class DnstapSettings:
+    address: str | None = None  # "unix:/run/dnstap.sock" or "tcp:127.0.0.1:6000"; None: off
+    identity: str = ""  # empty: the host name
+    version: str = ""  # empty: "dnsguard <version>"
+    queue_max: int = 100_000  # messages waiting for the collector; past this they are dropped (counted)
+
+
+@dataclass(frozen=True)
 class ClientPolicy:
     """A named client (``[[clients]]``): its sources, mode and extra rules."""
 
@@ -96,6 +109,8 @@ class Config:
     allow_cidrs: tuple[IPNetwork, ...]
     clients: tuple[ClientPolicy, ...]
     matcher: Matcher = field(compare=False, repr=False)
+    metrics: MetricsSettings = MetricsSettings()
+    dnstap: DnstapSettings = DnstapSettings()
 
     @property
     def listen(self) -> tuple[HostPort, ...]:
@@ -294,7 +309,8 @@ def without_self(servers: list[HostPort] | tuple[HostPort, ...],
 
 # ---------------------------------------------------------------- entry points
 
-TOP_KEYS = {"mode", "server", "upstream", "cache", "allow", "deny", "log", "firewall", "clients"}
+TOP_KEYS = {"mode", "server", "upstream", "cache", "allow", "deny", "log", "firewall", "clients",
+            "metrics", "dnstap"}
 
 
 def parse_config(text: str, path: str = "<policy>") -> Config:
@@ -378,12 +394,48 @@ def parse_config(text: str, path: str = "<policy>") -> Config:
                        key="min_ttl")
 
     clients = _clients(ctx, data.get("clients", []), mode, allow, deny)
+    metrics, dnstap = _observe(ctx, data)
 
     return Config(
         path=path, text=text, mode=mode, server=server, upstream=upstream, cache=cache, log=log,
         firewall=firewall, allow_domains=tuple(allow), deny_domains=tuple(deny),
-        allow_cidrs=allow_cidrs, clients=clients, matcher=matcher,
+        allow_cidrs=allow_cidrs, clients=clients, matcher=matcher, metrics=metrics, dnstap=dnstap,
     )
+
+
+def parse_dnstap_address(text: str) -> str:
+    """Check a dnstap address: ``unix:/path`` or ``tcp:HOST:PORT``; return it unchanged."""
+    if text.startswith("unix:") and len(text) > 5:
+        if len(text[5:].encode()) > 107:  # sun_path holds 108 bytes with the NUL
+            raise ValueError(f"unix socket path too long: {text[5:]!r}")
+        return text
+    if text.startswith("tcp:"):
+        host, port = parse_hostport(text[4:], 0)
+        if port == 0:
+            raise ValueError(f"{text!r} needs a port, e.g. tcp:127.0.0.1:6000")
+        return text
+    raise ValueError(f"{text!r} is not unix:/PATH or tcp:HOST:PORT")
+
+
+def _observe(ctx: _Ctx, data: dict) -> tuple[MetricsSettings, DnstapSettings]:
+    m = _table(ctx, data, "metrics", {"listen"})
+    listen = _typed(ctx, m, "metrics", "listen", str, "")
+    try:
+        metrics = MetricsSettings(parse_hostport(listen, 9153) if listen else None)
+    except ValueError as exc:
+        raise ctx.fail(f"metrics.listen: {exc}", entry=listen, key="listen") from None
+    t = _table(ctx, data, "dnstap", {"address", "identity", "version", "queue_max"})
+    address = _typed(ctx, t, "dnstap", "address", str, "")
+    try:
+        address = parse_dnstap_address(address) if address else None
+    except ValueError as exc:
+        raise ctx.fail(f"dnstap.address: {exc}", entry=address, key="address") from None
+    dnstap = DnstapSettings(address, _typed(ctx, t, "dnstap", "identity", str, ""),
+                            _typed(ctx, t, "dnstap", "version", str, ""),
+                            _typed(ctx, t, "dnstap", "queue_max", int, 100_000))
+    if not 1 <= dnstap.queue_max <= 10_000_000:
+        raise ctx.fail("dnstap.queue_max must be between 1 and 10000000", key="queue_max")
+    return metrics, dnstap
 
 
 def _clients(ctx: _Ctx, raw: Any, mode: str, allow: list[str], deny: list[str]) -> tuple[ClientPolicy, ...]:
