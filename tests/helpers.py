@@ -169,3 +169,15 @@ def question_bytes(wire: bytes) -> bytes:
             break
         i += n
     return wire[12:i + 4]
+
+
+def write_log(path: str, fixture: Sequence[tuple[tuple, int]]) -> None:
+    """Write ``(record, times)`` pairs through a real QueryLog writer and wait for it to finish."""
+    from resolver.log.querylog import QueryLog
+
+    log = QueryLog(path, retention_days=None)
+    log.start()
+    for record, n in fixture:
+        for _ in range(n):
+            log.submit(record)
+    assert log.close()

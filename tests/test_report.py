@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from helpers import write_log
 
 from resolver.cli.report import report as report_cli
 from resolver.core.names import text_to_wire
@@ -67,12 +68,7 @@ def _expected(since_ago: float, pred=lambda rec: True) -> int:
 @pytest.fixture(scope="module")
 def log_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("report") / "log.db"
-    log = QueryLog(str(path), retention_days=None)
-    log.start()
-    for record, n in FIXTURE:
-        for _ in range(n):
-            log.submit(record)
-    assert log.close()
+    write_log(str(path), FIXTURE)
     with closing(sqlite3.connect(path)) as conn, conn:
         conn.execute("INSERT INTO log_overflow (ts, dropped) VALUES (?, ?)", (NOW - H, 42))
         conn.execute("INSERT INTO log_overflow (ts, dropped) VALUES (?, ?)", (NOW - 5 * D, 8))

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import write_log
 
 from resolver.cli.report import report as report_cli
 from resolver.core.names import text_to_wire
 from resolver.log import report as rpt
-from resolver.log.querylog import QueryLog
 from resolver.log.report import series as series_mod
 
 NOW = 1_700_000_000.0  # 2023-11-14T22:13:20Z
@@ -53,12 +53,7 @@ TOTAL = sum(n for _, n in FIXTURE)
 @pytest.fixture(scope="module")
 def log_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("html") / "log.db"
-    log = QueryLog(str(path), retention_days=None)
-    log.start()
-    for record, n in FIXTURE:
-        for _ in range(n):
-            log.submit(record)
-    assert log.close()
+    write_log(str(path), FIXTURE)
     with closing(sqlite3.connect(path)) as conn, conn:
         conn.execute("INSERT INTO log_overflow (ts, dropped) VALUES (?, ?)", (NOW - H, 17))
         conn.execute("INSERT INTO connections (ts, source, destination, protocol, port, verdict, name) "
