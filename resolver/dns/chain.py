@@ -58,6 +58,12 @@ _FAST_ANSWER_MAX = 640
 # behind a slow or dead upstream (a flood of unique -- or identical -- names).
 MAX_INFLIGHT = 4096
 MAX_WAITING = 16_384
+# SERVFAIL's OPT when no upstream answered, by (some reply was unparseable, DO bit).
+_UPSTREAM_FAILED = {
+    (bad, do): wire.opt_record(do, wire.ede_option(
+        wire.EDE_NETWORK_ERROR if bad else wire.EDE_NO_REACHABLE_AUTHORITY,
+        "dnsguard: upstream replies could not be parsed" if bad else "dnsguard: no upstream answered"))
+    for bad in (False, True) for do in (0, 0x80)}
 
 
 def inflight_limit() -> int:
@@ -149,7 +155,9 @@ class Resolver:
     def use(self, config: Config) -> None:
         """Switch to a new policy. Queries already in flight finish under the old one."""
         self.config = config
-        self.upstream = Upstream(config.upstream.servers, config.upstream.timeout)
+        old = getattr(self, "upstream", None)
+        self.upstream = Upstream(config.upstream.servers, config.upstream.timeout,
+                                 old.broken if old is not None else None)
         self.cleaner = Cleaner(config.cache.negative_max_ttl, config.allow_cidrs)
         self.cache.max_entries = config.cache.max_entries
         self._views: dict[str, ClientView] = {}
@@ -305,9 +313,8 @@ class Resolver:
         except UpstreamError as exc:
             note = f"upstream: {exc}"
             rcode, answers = wire.SERVFAIL, None
-            resp = wire.local_answer(data, qend, wire.SERVFAIL, udp_size, do, wire.opt_record(
-                do, wire.ede_option(wire.EDE_NO_REACHABLE_AUTHORITY, "dnsguard: no upstream answered"))
-                if udp_size else None)
+            resp = wire.local_answer(data, qend, wire.SERVFAIL, udp_size, do,
+                                     _UPSTREAM_FAILED[exc.unparseable, do] if udp_size else None)
         except asyncio.CancelledError:
             # Shutdown cut this query off: it still gets its row.
             self._log(t0, ip, transport, qname, qtype, d.verdict, view.mode, d.rule, None, None, False,
@@ -335,8 +342,9 @@ class Resolver:
         fut = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:
-            raw = await self.upstream.query(question, name_len, do)
-            cleaned = self.cleaner.clean(raw, question, name_len)
+            clean = self.cleaner.clean
+            cleaned = await self.upstream.resolve(question, name_len, do,
+                                                  lambda raw: clean(raw, question, name_len))
             cache_cfg = self.config.cache
             ttl = cleaned.cache_ttl
             if ttl:

@@ -12,6 +12,12 @@ deadline; a timeout, ICMP refusal, SERVFAIL, REFUSED or an unparseable reply
 moves on. A truncated UDP reply is asked again over TCP. When all fail the
 caller gets UpstreamError and answers SERVFAIL -- never a hang.
 
+Hostile or broken upstreams: a reply that does not match our ID, question and
+QR=1 is ignored (we keep waiting, as for a spoofed packet); a matching reply
+whose records do not parse is a failure of that server (``BadReply``), never an
+exception that escapes. Such a server is reported on stderr once per episode
+and once more when its replies parse again.
+
 Cleaning uses dnspython (only on cache misses, where its cost is small next to
 the network round trip): answer records not on the CNAME chain from the
 question, and everything in the additional section, are dropped before the
@@ -25,7 +31,10 @@ import json
 import os
 import socket
 import struct
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import dns.exception
 import dns.message
@@ -42,25 +51,47 @@ from resolver.core.names import wire_to_text
 from resolver.dns import wire
 
 HostPort = tuple[str, int]
+T = TypeVar("T")
 _RETRY_RCODES = frozenset((wire.SERVFAIL, wire.REFUSED, wire.NOTIMP, wire.FORMERR))
 _KEEP_AUTHORITY = frozenset((dns.rdatatype.SOA, dns.rdatatype.NSEC, dns.rdatatype.NSEC3,
                              dns.rdatatype.RRSIG))
 
 
-class Upstream:
-    """A list of upstream servers with failover and a shared deadline."""
+class BadReply(ValueError):
+    """An upstream reply that matched our query but whose records cannot be used."""
 
-    def __init__(self, servers: tuple[HostPort, ...], timeout: float) -> None:
+
+class Upstream:
+    """A list of upstream servers with failover and a shared deadline.
+
+    ``broken`` maps a server whose replies do not parse to when the last such reply came;
+    pass the previous instance's map on reload so an episode is announced once, not once
+    per policy. An episode ends when the server's replies have parsed for ``QUIET_S``: an
+    upstream alternating good and bad replies costs two stderr lines per QUIET_S, not two
+    per query.
+    """
+
+    QUIET_S = 10.0
+
+    def __init__(self, servers: tuple[HostPort, ...], timeout: float,
+                 broken: dict[HostPort, float] | None = None) -> None:
         if not servers:
             raise UpstreamError("no upstream servers configured (and none in /etc/resolv.conf)")
         self.servers = tuple(servers)
         self.timeout = timeout
+        self.broken: dict[HostPort, float] = {} if broken is None else broken
 
     async def query(self, question: bytes, name_len: int, do: int) -> bytes:
         """Resolve ``question`` (lower-cased name + type + class); return the raw reply."""
+        return await self.resolve(question, name_len, do, bytes)
+
+    async def resolve(self, question: bytes, name_len: int, do: int, use: Callable[[bytes], T]) -> T:
+        """Resolve ``question`` and return ``use(reply)``; a reply ``use`` rejects with
+        BadReply counts as that server failing, and the next one is asked."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         reasons = []
+        unparseable = False
         for idx, server in enumerate(self.servers):
             left = deadline - loop.time()
             if left <= 0:
@@ -85,8 +116,39 @@ class Upstream:
             if rcode in _RETRY_RCODES:
                 reasons.append(f"{_fmt(server)}: rcode {rcode}")
                 continue
-            return reply
-        raise UpstreamError("; ".join(reasons) or "no upstream answered")
+            try:
+                result = use(reply)
+            except BadReply as exc:
+                reasons.append(f"{_fmt(server)}: {exc}")
+                unparseable = True
+                self._episode(server, True)
+                continue
+            self._episode(server, False)
+            return result
+        raise UpstreamError("; ".join(reasons) or "no upstream answered", unparseable=unparseable)
+
+    def _episode(self, server: HostPort, bad: bool) -> None:
+        last = self.broken.get(server)
+        now = asyncio.get_running_loop().time()
+        if bad:
+            self.broken[server] = now
+            if last is not None:
+                return
+            line = f"dnsguard: upstream {_fmt(server)}: unparseable replies, answering SERVFAIL"
+        else:
+            if last is None or now - last < self.QUIET_S:
+                return
+            del self.broken[server]
+            line = f"dnsguard: upstream {_fmt(server)}: replies parse again"
+        try:
+            print(line, file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass  # stderr gone: never fail a query over it
+
+
+def _bad(exc: Exception) -> BadReply:
+    # dnspython's messages span lines: one line each, for stderr and the log's note.
+    return BadReply(f"unparseable reply ({exc.__class__.__name__}: {' '.join(str(exc).split())})")
 
 
 def _fmt(server: HostPort) -> str:
@@ -172,11 +234,21 @@ class Cleaner:
         return is_public(ip) or bool(self.allowed_cidrs and rebinding_filter([ip], self.allowed_cidrs)[0])
 
     def clean(self, reply: bytes, question: bytes, name_len: int) -> Cleaned:
+        """Reduce a reply that matched our query; BadReply if its records cannot be used."""
         try:
             fast = self._fast(reply, question, name_len)
         except (ValueError, IndexError, struct.error, OSError):
             fast = None
-        return fast if fast is not None else self._full(reply, question)
+        if fast is not None:
+            return fast
+        try:
+            return self._full(reply, question)
+        except BadReply:
+            raise
+        except Exception as exc:
+            # The bytes are the upstream's: whatever the parser and renderer make of them,
+            # the outcome is "this server's reply is unusable", never a traceback per reply.
+            raise _bad(exc) from None
 
     # -- bytes path ---------------------------------------------------------------------
 
@@ -270,7 +342,7 @@ class Cleaner:
         try:
             msg = dns.message.from_wire(reply, ignore_trailing=True, one_rr_per_rrset=False)
         except (dns.exception.DNSException, ValueError, IndexError) as exc:
-            raise ValueError(f"unparseable upstream reply: {exc}") from None
+            raise _bad(exc) from None
         qname = msg.question[0].name
         qtype = msg.question[0].rdtype
 

@@ -27,6 +27,7 @@ CLASS_IN = 1
 
 # Extended DNS Error info-codes (RFC 8914)
 EDE_BLOCKED, EDE_PROHIBITED, EDE_NO_REACHABLE_AUTHORITY, EDE_NOT_SUPPORTED = 15, 18, 22, 21
+EDE_STALE_ANSWER, EDE_NETWORK_ERROR = 3, 23
 
 # What dnsguard advertises and the most it sends over UDP: 1232 avoids IP fragmentation
 # (DNS Flag Day 2020), which is also what keeps off-path spoofing of fragments out.
@@ -159,8 +160,15 @@ def local_answer(data: bytes, qend: int, rcode: int, udp_size: int, do: int, opt
 
 
 def error_answer(data: bytes, rcode: int) -> bytes:
-    """A header-only answer (FORMERR / NOTIMP) for a packet whose question can't be trusted."""
-    return data[:2] + bytes((0x80 | (data[2] & 0x79), 0x80 | (rcode & 0xF))) + b"\x00" * 8
+    """A header-only answer (FORMERR / NOTIMP) for a packet whose question can't be trusted.
+
+    RFC 1035 4.1.1: ID, opcode and RD are copied. RA only for opcode QUERY, the only one
+    recursion is defined for (an answer to NOTIFY/UPDATE/STATUS claiming it is wrong, as
+    EDNS-compliance testers flag); AA, TC, Z, AD and CD are never echoed.
+    """
+    flags = data[2]
+    ra = 0 if flags & 0x78 else 0x80
+    return data[:2] + bytes((0x80 | (flags & 0x79), ra | (rcode & 0xF))) + b"\x00" * 8
 
 
 def badvers_answer(data: bytes, qend: int) -> bytes:
