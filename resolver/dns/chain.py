@@ -11,7 +11,11 @@ Why this order:
     bytes built here and never reaches the cache lookup or an upstream socket;
   * the cache before upstream, of course; the firewall sets are refreshed from
     the cache entry *before* the answer is returned, so a client never connects
-    to an address the kernel does not yet allow.
+    to an address the kernel does not yet allow;
+  * serve-stale (RFC 8767) last: only when every upstream failed for an allowed
+    name does an expired entry answer (TTL 30, EDE 3). For STALE_RECHECK_S after
+    that, the name is answered stale at once while one background refresh at a
+    time keeps asking upstream, so an outage costs one timeout, not one per query.
 
 ``Resolver.handle`` is synchronous for everything that can be answered
 locally (denials, cache hits, errors), which is what keeps the hot path near
@@ -58,6 +62,9 @@ _FAST_ANSWER_MAX = 640
 # behind a slow or dead upstream (a flood of unique -- or identical -- names).
 MAX_INFLIGHT = 4096
 MAX_WAITING = 16_384
+# RFC 8767 5: after a failed refresh, answer stale at once for this long ("failure recheck").
+STALE_RECHECK_S = 30.0
+_MAX_STALE_KEYS = 65_536
 # SERVFAIL's OPT when no upstream answered, by (some reply was unparseable, DO bit).
 _UPSTREAM_FAILED = {
     (bad, do): wire.opt_record(do, wire.ede_option(
@@ -141,6 +148,8 @@ class Resolver:
         self.feeder = feeder
         self.cache = AnswerCache(config.cache.max_entries)
         self._inflight: dict[bytes, asyncio.Future[Entry]] = {}
+        self._stale_until: dict[bytes, float] = {}  # key -> answer stale without waiting until
+        self._refreshes: dict[bytes, asyncio.Task] = {}  # at most one background refresh per key
         self.max_inflight = inflight_limit()
         self.waiting = 0  # client queries waiting for an upstream answer
         self._wall_offset = time.time() - time.monotonic()
@@ -160,6 +169,7 @@ class Resolver:
                                  old.broken if old is not None else None)
         self.cleaner = Cleaner(config.cache.negative_max_ttl, config.allow_cidrs)
         self.cache.max_entries = config.cache.max_entries
+        self.cache.stale_max = config.cache.stale_max
         self._views: dict[str, ClientView] = {}
         self._memo: dict[int, dict[bytes, Decision]] = {}
         self._deny_opts: dict[tuple[Decision, int, str | None], bytes] = {}
@@ -277,6 +287,11 @@ class Resolver:
                                                            entry.rcode, entry.answers_json, True),
                                    int(t0 - entry.stored), key, entry.note)
                 return resp
+            if self._stale_until and d.allowed and self._stale_until.get(key, 0.0) > t0:
+                resp = self._stale(data, ip, transport, t0, name_end, qend, qtype, udp_size, do, key, qname,
+                                   view, d, True)
+                if resp is not None:
+                    return resp
             if self.waiting >= MAX_WAITING:
                 self._log(t0, ip, transport, qname, qtype, d.verdict, view.mode, d.rule, wire.SERVFAIL, None,
                           False, f"overloaded: {MAX_WAITING} queries already waiting for upstream")
@@ -311,6 +326,11 @@ class Resolver:
             resp = entry.response(data, qend, udp_size, do, now)
             rcode, answers, note = entry.rcode, entry.answers_json, entry.note
         except UpstreamError as exc:
+            if d.allowed and self.cache.stale_max:
+                stale = self._stale(data, ip, transport, t0, name_end, qend, qtype, udp_size, do, key, qname,
+                                    view, d, False)
+                if stale is not None:
+                    return stale
             note = f"upstream: {exc}"
             rcode, answers = wire.SERVFAIL, None
             resp = wire.local_answer(data, qend, wire.SERVFAIL, udp_size, do,
@@ -354,6 +374,8 @@ class Resolver:
                           f"rebinding: stripped {', '.join(cleaned.stripped)}" if cleaned.stripped else None)
             if ttl > 0:
                 self.cache.put(key, entry)
+            if self._stale_until:
+                self._stale_until.pop(key, None)
             fut.set_result(entry)
             return entry
         except BaseException as exc:
@@ -362,6 +384,43 @@ class Resolver:
             raise
         finally:
             del self._inflight[key]
+
+    def _stale(self, data: bytes, ip: str, transport: str, t0: float, name_end: int, qend: int, qtype: int,
+               udp_size: int, do: int, key: bytes, qname: bytes, view: ClientView, d: Decision,
+               refresh: bool) -> bytes | None:
+        """Answer from the expired entry for ``key``, if there is one young enough (RFC 8767)."""
+        now = time.monotonic()
+        entry = self.cache.stale(key, now)
+        if entry is None:
+            self._stale_until.pop(key, None)
+            return None
+        if refresh:
+            # Marked here, not when the task first runs: the next datagram may be handled before.
+            if key not in self._inflight and key not in self._refreshes:
+                task = asyncio.get_running_loop().create_task(
+                    self._refresh(key, qname + data[name_end:qend], len(qname), do))
+                self._refreshes[key] = task
+                task.add_done_callback(lambda _t, k=key: self._refreshes.pop(k, None))
+        else:  # every upstream just failed: answer stale at once for a while
+            if len(self._stale_until) >= _MAX_STALE_KEYS:
+                self._stale_until.clear()
+            self._stale_until[key] = now + STALE_RECHECK_S
+        if self.feeder is not None and entry.addrs:
+            self._feed(entry, qname, now)
+        resp = entry.stale_response(data, qend, udp_size, do)
+        if transport == "udp" and len(resp) > (min(udp_size, wire.EDNS_PAYLOAD) if udp_size else 512):
+            resp = wire.truncated(resp, qend, udp_size, do)
+        self._log(t0, ip, transport, qname, qtype, d.verdict, view.mode, d.rule, entry.rcode,
+                  entry.answers_json, True, "stale")
+        return resp
+
+    async def _refresh(self, key: bytes, question: bytes, name_len: int, do: int) -> None:
+        try:
+            await self._fetch(key, question, name_len, do)
+        except UpstreamError:
+            pass  # still down: the stale answer stands until the recheck window closes
+        except Exception:  # a refresh nobody waits for must not die unseen
+            traceback.print_exc(file=sys.stderr)
 
     def _feed(self, entry: Entry, qname: bytes, now: float) -> None:
         try:

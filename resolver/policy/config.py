@@ -50,6 +50,7 @@ class CacheSettings:
     min_ttl: int = 0
     max_ttl: int = 86_400
     negative_max_ttl: int = 3_600
+    stale_max: int = 86_400  # serve-stale window after expiry, seconds (RFC 8767); 0 = off
 
 
 @dataclass(frozen=True)
@@ -339,15 +340,19 @@ def parse_config(text: str, path: str = "<policy>") -> Config:
         from_resolv = True
     upstream = UpstreamSettings(servers, timeout_ms / 1000, from_resolv)
 
-    c = _table(ctx, data, "cache", {"max_entries", "min_ttl", "max_ttl", "negative_max_ttl"})
+    c = _table(ctx, data, "cache", {"max_entries", "min_ttl", "max_ttl", "negative_max_ttl", "stale_max_s"})
     cache = CacheSettings(
         max_entries=_typed(ctx, c, "cache", "max_entries", int, 100_000),
         min_ttl=_typed(ctx, c, "cache", "min_ttl", int, 0),
         max_ttl=_typed(ctx, c, "cache", "max_ttl", int, 86_400),
         negative_max_ttl=_typed(ctx, c, "cache", "negative_max_ttl", int, 3_600),
+        stale_max=_typed(ctx, c, "cache", "stale_max_s", int, 86_400),
     )
     if cache.max_entries < 0 or cache.min_ttl < 0 or cache.max_ttl < cache.min_ttl:
         raise ctx.fail("cache: max_entries >= 0 and 0 <= min_ttl <= max_ttl required", key="cache")
+    if not 0 <= cache.stale_max <= 7 * 86_400:
+        raise ctx.fail("cache.stale_max_s must be between 0 (off) and 604800 (RFC 8767: at most 7 days)",
+                       key="stale_max_s", section="cache")
 
     a = _table(ctx, data, "allow", {"domains", "cidrs"})
     d = _table(ctx, data, "deny", {"domains"})
