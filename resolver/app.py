@@ -148,6 +148,7 @@ class App:
                 if self.feeder is not None:
                     self.feeder.close()
             finally:
+                self.resolver.close()  # rate-limit counts still held become rows before the drain
                 if self.querylog is not None:
                     # Drain off the loop thread: the writer may need a moment to commit.
                     self.querylog.stop_flushing()

@@ -38,6 +38,7 @@ from resolver.core.errors import UpstreamError
 from resolver.core.model import Decision
 from resolver.dns import wire
 from resolver.dns.cache import AnswerCache, Entry
+from resolver.dns.ratelimit import RateLimiter, RefusedCounter
 from resolver.dns.upstream import Cleaner, Upstream
 from resolver.policy.config import ClientPolicy, Config
 from resolver.policy.matcher import Matcher
@@ -150,6 +151,8 @@ class Resolver:
         self._inflight: dict[bytes, asyncio.Future[Entry]] = {}
         self._stale_until: dict[bytes, float] = {}  # key -> answer stale without waiting until
         self._refreshes: dict[bytes, asyncio.Task] = {}  # at most one background refresh per key
+        self.limiter: RateLimiter | None = None
+        self.refused = RefusedCounter(submit)
         self.max_inflight = inflight_limit()
         self.waiting = 0  # client queries waiting for an upstream answer
         self._wall_offset = time.time() - time.monotonic()
@@ -158,8 +161,14 @@ class Resolver:
     # -- configuration ----------------------------------------------------------------
 
     def tick(self) -> None:
-        """Called about once a second: follow wall-clock steps in log timestamps."""
+        """Called about once a second: follow wall-clock steps in log timestamps, and write the
+        rate-limit rows of the seconds that are over."""
         self._wall_offset = time.time() - time.monotonic()
+        self.refused.flush(self.config.mode, time.time())
+
+    def close(self) -> None:
+        """Before the log closes: the rate-limit counts still held become rows."""
+        self.refused.flush(self.config.mode)
 
     def use(self, config: Config) -> None:
         """Switch to a new policy. Queries already in flight finish under the old one."""
@@ -170,6 +179,11 @@ class Resolver:
         self.cleaner = Cleaner(config.cache.negative_max_ttl, config.allow_cidrs)
         self.cache.max_entries = config.cache.max_entries
         self.cache.stale_max = config.cache.stale_max
+        rate = config.server.rate_limit
+        if not rate:
+            self.limiter = None
+        elif self.limiter is None or self.limiter.rate != rate:
+            self.limiter = RateLimiter(rate)
         self._views: dict[str, ClientView] = {}
         self._memo: dict[int, dict[bytes, Decision]] = {}
         self._deny_opts: dict[tuple[Decision, int, str | None], bytes] = {}
@@ -215,6 +229,9 @@ class Resolver:
         """
         t0 = time.monotonic()
         try:
+            limiter = self.limiter
+            if limiter is not None and not limiter.allow(ip, t0):
+                return self._limited(data, ip, transport, t0)
             if transport == "udp":
                 # A UDP query whose bytes after the ID this client sent before gets the same
                 # answer again: a denial always (until the policy changes: `use` drops the
@@ -429,6 +446,16 @@ class Resolver:
             print(f"dnsguard: firewall set update failed: {exc}", file=sys.stderr)
 
     # -- outcomes that are not answers ------------------------------------------------
+
+    def _limited(self, data: bytes, ip: str, transport: str, t0: float) -> bytes | None:
+        """Past the client's rate: counted for one row a second, REFUSED with EDE 18, no text."""
+        self.refused.count(ip, transport, t0 + self._wall_offset, self.config.mode)
+        try:
+            _, qend, _, _, udp_size, do = wire.parse_query(data)
+        except wire.BadQuery:
+            return None  # over its rate and not even a valid query: not worth a packet
+        return wire.local_answer(data, qend, wire.REFUSED, udp_size, do,
+                                 self._refused_opts[do] if udp_size else None)
 
     def _bad(self, data: bytes, ip: str, transport: str, t0: float, bad: wire.BadQuery) -> bytes | None:
         rcode = bad.rcode

@@ -35,6 +35,7 @@ class ServerSettings:
     clients: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(c) for c in DEFAULT_CLIENTS)
     tcp_idle_timeout: float = 10.0
     tcp_max_connections: int = 256
+    rate_limit: int = 0  # queries per second per client address; 0 = off
 
 
 @dataclass(frozen=True)
@@ -315,7 +316,8 @@ def parse_config(text: str, path: str = "<policy>") -> Config:
 
     mode = _mode(ctx, data.get("mode", "enforce"), "mode")
 
-    s = _table(ctx, data, "server", {"listen", "clients", "tcp_idle_timeout_ms", "tcp_max_connections"})
+    s = _table(ctx, data, "server", {"listen", "clients", "tcp_idle_timeout_ms", "tcp_max_connections",
+                                     "rate_limit"})
     listen = _hostports(ctx, _str_list(ctx, s, "server", "listen") or ["127.0.0.1:5353"], "server.listen", 53)
     clients_acl = _networks(ctx, _str_list(ctx, s, "server", "clients") or list(DEFAULT_CLIENTS),
                             "server.clients")
@@ -324,7 +326,11 @@ def parse_config(text: str, path: str = "<policy>") -> Config:
     if idle_ms <= 0 or max_conn <= 0:
         raise ctx.fail("server.tcp_idle_timeout_ms and tcp_max_connections must be positive",
                        key="tcp_idle_timeout_ms" if idle_ms <= 0 else "tcp_max_connections")
-    server = ServerSettings(listen, clients_acl, idle_ms / 1000, max_conn)
+    rate_limit = _typed(ctx, s, "server", "rate_limit", int, 0)
+    if not 0 <= rate_limit <= 10_000_000:
+        raise ctx.fail("server.rate_limit must be between 0 (off) and 10000000 queries per second",
+                       key="rate_limit", section="server")
+    server = ServerSettings(listen, clients_acl, idle_ms / 1000, max_conn, rate_limit)
 
     u = _table(ctx, data, "upstream", {"servers", "timeout_ms"})
     timeout_ms = _typed(ctx, u, "upstream", "timeout_ms", int, 2000)
