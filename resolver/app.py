@@ -123,7 +123,7 @@ class App:
             from resolver.log.logproc import ProcessLog
 
             self.querylog = ProcessLog(cfg.log.database, queue_max=cfg.log.queue_max,
-                                       retention_days=cfg.log.retention_days)
+                                       retention_days=cfg.log.retention_days, max_size_mb=cfg.log.max_size_mb)
             self.querylog.start()
             # Every policy served is kept, so `dnsguard policy rollback` can restore it byte for byte.
             record_policy(cfg.log.database, cfg.text, cfg.sha256, cfg.path)

@@ -60,6 +60,7 @@ class LogSettings:
     database: str = "dnsguard.db"
     retention_days: int = 30
     queue_max: int = 200_000
+    max_size_mb: int = 1024  # the writer deletes the oldest rows past this; 0 = no limit
 
 
 @dataclass(frozen=True)
@@ -367,15 +368,18 @@ def parse_config(text: str, path: str = "<policy>") -> Config:
     matcher = _matcher(ctx, allow, deny, "")
     allow_cidrs = _networks(ctx, _str_list(ctx, a, "allow", "cidrs"), "allow.cidrs")
 
-    lg = _table(ctx, data, "log", {"enabled", "database", "retention_days", "queue_max"})
+    lg = _table(ctx, data, "log", {"enabled", "database", "retention_days", "queue_max", "max_size_mb"})
     log = LogSettings(
         enabled=_typed(ctx, lg, "log", "enabled", bool, True),
         database=_typed(ctx, lg, "log", "database", str, "dnsguard.db"),
         retention_days=_typed(ctx, lg, "log", "retention_days", int, 30),
         queue_max=_typed(ctx, lg, "log", "queue_max", int, 200_000),
+        max_size_mb=_typed(ctx, lg, "log", "max_size_mb", int, 1024),
     )
     if log.retention_days < 0 or log.queue_max <= 0:
         raise ctx.fail("log.retention_days must be >= 0 and log.queue_max > 0", key="log")
+    if log.max_size_mb < 0:
+        raise ctx.fail("log.max_size_mb must be >= 0 (0 = no limit)", key="max_size_mb", section="log")
 
     fw = _table(ctx, data, "firewall", {"enabled", "min_ttl", "max_ttl", "ports"})
     firewall = FirewallSettings(
