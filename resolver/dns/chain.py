@@ -170,8 +170,12 @@ class Resolver:
         """Before the log closes: the rate-limit counts still held become rows."""
         self.refused.flush(self.config.mode)
 
-    def use(self, config: Config) -> None:
-        """Switch to a new policy. Queries already in flight finish under the old one."""
+    def use(self, config: Config) -> list:
+        """Switch to a new policy. Queries already in flight finish under the old one.
+
+        Returns the memos it dropped: the caller may free them off the event loop (a few
+        hundred thousand entries take milliseconds to deallocate)."""
+        garbage = [getattr(self, name, None) for name in ("_views", "_memo", "_fast", "_deny_opts")]
         self.config = config
         old = getattr(self, "upstream", None)
         self.upstream = Upstream(config.upstream.servers, config.upstream.timeout,
@@ -192,6 +196,7 @@ class Resolver:
         self._refused_opts = {do: wire.opt_record(do, wire.ede_option(wire.EDE_PROHIBITED, ""))
                               for do in (0, 0x80)}
         self._named = named_networks(config)
+        return garbage
 
     def view(self, ip: str) -> ClientView:
         v = self._views.get(ip)

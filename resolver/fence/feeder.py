@@ -43,6 +43,10 @@ class Fence:
         # The wire name goes as is: the NFLOG recorder turns it into text off the hot path.
         self.feeder.feed([(ip, ttl - age) for ip, ttl in entry.addrs], qname)
 
+    def set_ttl_bounds(self, min_ttl: int, max_ttl: int) -> None:
+        """[firewall] min_ttl/max_ttl changed by a reload: later set entries use the new clamps."""
+        self.feeder.set_ttl_bounds(min_ttl, max_ttl)
+
     def close(self) -> None:
         if self.recorder is not None:
             self.recorder.stop()

@@ -176,6 +176,14 @@ class ProcessLog:
             self._loop.remove_writer(self._fd)
         self._watching = on
 
+    def configure(self, *, retention_days: float | None, max_size_mb: float | None, queue_max: int) -> None:
+        """New [log] bounds from a policy reload: this side's queue bound now, the writer's
+        retention, size cap and queue bound with the next hand-over."""
+        self.queue_max = queue_max
+        self.retention_days = retention_days
+        self.max_size_mb = max_size_mb
+        self._frame(("config", (retention_days, max_size_mb or 0, queue_max)))
+
     def stop_flushing(self) -> None:
         """Stop the periodic hand-over; call in the loop thread before `close` runs elsewhere."""
         self._watch_pipe(False)
@@ -297,6 +305,8 @@ def main(argv: list[str]) -> int:
             submit_many(payload)
         elif kind == "overflow":
             log.overflow += payload
+        elif kind == "config":
+            log.configure(*payload)
     return 0 if log.close() else 1
 
 

@@ -144,6 +144,15 @@ class QueryLog:
         if len(self._q) >= self.batch_max:
             self._wake.set()
 
+    def configure(self, retention_days: float | None, max_size_mb: float | None, queue_max: int) -> None:
+        """New bounds (a policy reload); the next writer turn prunes and checks the size."""
+        self.retention_days = retention_days or None
+        self.max_bytes = int(max_size_mb * 1024 * 1024) if max_size_mb else 0
+        self.queue_max = queue_max
+        self._next_prune = 0.0
+        self._next_size_check = 0.0
+        self._wake.set()
+
     # -- lifecycle ------------------------------------------------------------
     def start(self) -> None:
         """Start the writer thread. Never raises for database trouble: that is retried."""
