@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -73,10 +75,33 @@ def apply_overrides(config: Config, opts: ServeOptions) -> Config:
     return config.replace(**changes)
 
 
+RELOAD_SWITCH_INTERVAL = 0.0002
+
+
+@contextlib.contextmanager
+def quiet_gc() -> Iterator[None]:
+    """No automatic garbage collection while a policy is built, and what exists afterwards is
+    frozen out of later ones.
+
+    Measured: building a 1,000,000-name policy in a thread triggers full collections that
+    walk every object while holding the GIL -- loop stalls of 250-500 ms. The policy's
+    objects form no cycles (reference counting frees an old one), so they need no collector.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if was:
+            gc.enable()
+
+
 class App:
     def __init__(self, opts: ServeOptions) -> None:
         self.opts = opts
-        self.config = apply_overrides(load_config(opts.policy_path), opts)
+        with quiet_gc():
+            self.config = apply_overrides(load_config(opts.policy_path), opts)
         if not self.config.upstream.servers:
             raise DnsguardError("no upstream servers: set [upstream] servers or --upstream "
                                 "(/etc/resolv.conf lists none besides dnsguard itself)")
@@ -115,19 +140,27 @@ class App:
 
     def _load_new(self) -> Config:
         """Worker thread: read, parse and compile the policy file."""
-        new = apply_overrides(load_config(self.opts.policy_path), self.opts)
+        with quiet_gc():
+            new = apply_overrides(load_config(self.opts.policy_path), self.opts)
         if not new.upstream.servers:
             raise DnsguardError("no upstream servers left in the new policy")
         return new
 
     async def _reload_once(self, reason: str) -> bool:
         loop = asyncio.get_running_loop()
+        # The parsing thread keeps the GIL for up to the switch interval each time the loop
+        # asks for it (5 ms by default), and the loop asks on every wake-up: at thousands of
+        # queries a second that convoy, not the parse, is the latency. Hand it over sooner.
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, RELOAD_SWITCH_INTERVAL))
         try:
             new = await loop.run_in_executor(None, self._load_new)
         except Exception as exc:  # whatever is wrong with the new file, the running policy stays
             print(f"dnsguard: policy reload ({reason}) rejected, keeping the running policy: {exc}",
                   file=sys.stderr, flush=True)
             return False
+        finally:
+            sys.setswitchinterval(interval)
         # The swap: plain assignments, on the loop, between two queries.
         garbage = [self.config, self.resolver.use(new)]
         old, self.config = self.config, new

@@ -8,6 +8,7 @@ what lets a reload keep the running policy when the new file is broken.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hashlib
 import ipaddress
@@ -328,9 +329,11 @@ def _loads(text: str) -> dict:
     arrays: dict[str, list[str]] = {}
     parts = []
     pos = 0
-    for head in _ARRAY_HEAD.finditer(text):
+    search_from = 0
+    while (head := _ARRAY_HEAD.search(text, search_from)) is not None:
+        search_from = head.end()
         end = text.find("]", head.end())
-        if head.start() < pos or end - head.end() < 4096:
+        if end - head.end() < 4096:
             continue
         strings = _plain_strings(text, head.end(), end)
         if strings is None:
@@ -339,7 +342,9 @@ def _loads(text: str) -> dict:
         arrays[token] = strings
         parts.append(text[pos:head.end() - 1])
         parts.append(f'"{token}"')
-        pos = end + 1
+        # Search on after the array: scanning its megabytes for the next key would be one
+        # long C call (the GIL held for a third of a second per million names).
+        pos = search_from = end + 1
     if not arrays:
         return tomllib.loads(text)
     parts.append(text[pos:])
@@ -526,9 +531,15 @@ def load_config(path: str | Path) -> Config:
     """Read and validate a policy file."""
     p = Path(path)
     try:
-        # newline="": keep the bytes exactly (CRLF too), so policy history can restore them.
-        with open(p, encoding="utf-8", newline="") as fh:
-            text = fh.read()
+        # Bytes decoded as they are (CRLF too), so policy history can restore them; in 1 MiB
+        # pieces, so a reload reading a big file in a thread never holds the GIL for long.
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        pieces = []
+        with open(p, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                pieces.append(decoder.decode(chunk))
+        pieces.append(decoder.decode(b"", final=True))
+        text = "".join(pieces)
     except (OSError, UnicodeDecodeError) as exc:
         raise PolicyError(f"cannot read policy: {exc}", path=str(p)) from None
     return parse_config(text, str(p))
