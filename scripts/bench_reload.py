@@ -63,8 +63,9 @@ def load_times(repo: Path, policy: Path, repeat: int) -> list[float]:
             "c = load_config(sys.argv[1]); print(time.perf_counter() - t, c.matcher.rule_count)")
     out = []
     for _ in range(repeat):
+        # cwd = the checkout: `python -c` puts the working directory first on sys.path.
         r = subprocess.run([sys.executable, "-c", code, str(policy)], env=env_for(repo), capture_output=True,
-                           text=True, timeout=600, check=True)
+                           text=True, timeout=600, check=True, cwd=repo)
         out.append(float(r.stdout.split()[0]))
     return out
 
