@@ -253,6 +253,7 @@ class App:
                             await task
                 if self.feeder is not None:
                     self.feeder.close()
+                self.resolver.upstream.close()
             finally:
                 self.resolver.close()  # rate-limit counts still held become rows before the drain
                 if self.querylog is not None:
@@ -263,7 +264,7 @@ class App:
 
 
 def raise_fd_limit() -> None:
-    """Every upstream query holds a socket: take all the file descriptors we are allowed."""
+    """TCP clients and upstream sockets hold descriptors: take all the file descriptors we are allowed."""
     try:
         import resource
 

@@ -58,9 +58,10 @@ _MAX_DECISIONS = 262_144
 _MAX_FAST = 16_384
 _FAST_QUERY_MAX = 320  # a question with the longest name (255 octets) and an OPT fits
 _FAST_ANSWER_MAX = 640
-# Upstream exchanges in flight at once (one socket each), and client queries waiting on them.
-# Past these, new misses get SERVFAIL at once instead of piling up sockets, tasks and memory
-# behind a slow or dead upstream (a flood of unique -- or identical -- names).
+# Upstream exchanges in flight at once, and client queries waiting on them. Past these, new
+# misses get SERVFAIL at once instead of piling up tasks and memory behind a slow or dead
+# upstream (a flood of unique -- or identical -- names). UDP exchanges share the pooled
+# sockets (dns/outgoing.py); a TCP retry still holds a socket of its own, hence the fd bound.
 MAX_INFLIGHT = 4096
 MAX_WAITING = 16_384
 # RFC 8767 5: after a failed refresh, answer stale at once for this long ("failure recheck").
@@ -178,8 +179,13 @@ class Resolver:
         garbage = [getattr(self, name, None) for name in ("_views", "_memo", "_fast", "_deny_opts")]
         self.config = config
         old = getattr(self, "upstream", None)
-        self.upstream = Upstream(config.upstream.servers, config.upstream.timeout,
-                                 old.broken if old is not None else None)
+        if old is not None and old.servers == tuple(config.upstream.servers):
+            old.timeout = config.upstream.timeout  # keep the socket pools
+        else:
+            self.upstream = Upstream(config.upstream.servers, config.upstream.timeout,
+                                     old.broken if old is not None else None)
+            if old is not None:
+                old.retire()
         self.cleaner = Cleaner(config.cache.negative_max_ttl, config.allow_cidrs)
         self.cache.max_entries = config.cache.max_entries
         self.cache.stale_max = config.cache.stale_max
