@@ -172,3 +172,11 @@ def test_bulk_compile_matches_rule_by_rule(entries):
 def test_bulk_compile_plain_names_including_ten_octet_labels():
     entries = ["abcdefghij.example", "*.abcdefghij.test.", "A-B_c.D", "x." * 100 + "y", "*.q.r"]
     assert matcher_mod._compile_plain(entries) == [compile_rule(e) for e in entries]
+
+
+def test_the_first_spelling_of_a_duplicate_rule_is_reported_across_chunks():
+    filler = [f"f{i}.example.com" for i in range(5000)]
+    m = Matcher(["Dup.Example.com", *filler, "dup.example.COM", "*.W.example.com", "*.w.example.com"])
+    assert m.decide(text_to_wire("dup.example.com")).rule == "Dup.Example.com"
+    assert m.decide(text_to_wire("x.w.example.com")).rule == "*.W.example.com"
+    assert m.rule_count == 5004

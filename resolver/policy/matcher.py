@@ -65,7 +65,9 @@ def compile_rule(entry: str) -> tuple[bool, bytes]:
 
 _LEN = [bytes((i,)) for i in range(64)]
 _CHUNK = 4096
-_WILD_TLD = re.compile(rb"(?:^|\n)\*\.[^.\n]*\.?(?:\n|$)")
+# "*." followed by a single label: a wildcard on a TLD. Starts with a literal, so the search
+# jumps from "*" to "*" ("*" only ever starts a name here: checked before it runs).
+_WILD_TLD = re.compile(rb"\*\.[^.\n]*\.?(?:\n|\Z)")
 
 
 def compile_rules(entries: Sequence[str]) -> list[tuple[bool, bytes]]:
@@ -139,11 +141,16 @@ class Matcher:
             # a thread next to the event loop.
             for i in range(0, len(entries), _CHUNK):
                 chunk = entries[i:i + _CHUNK]
-                for entry, (is_wild, key) in zip(chunk, compile_rules(chunk), strict=True):
-                    table = wild if is_wild else exact
-                    # Keep the first spelling of a duplicated rule, so the reported rule is stable.
-                    if key not in table:
-                        table[key] = entry
+                compiled = compile_rules(chunk)
+                for kind, table in ((False, exact), (True, wild)):
+                    # Keep the first spelling of a duplicated rule, so the reported rule is
+                    # stable: built in reverse (the first one written last), never overwriting
+                    # what an earlier chunk put in the table.
+                    new = {key: entry for (w, key), entry
+                           in zip(reversed(compiled), reversed(chunk), strict=True) if w is kind}
+                    for key in new.keys() & table.keys():
+                        del new[key]
+                    table.update(new)
             count += len(entries)
         self.rule_count = count
 
