@@ -13,6 +13,8 @@ and misbehaves on request:
               section and an A record in the additional section
     wrong_id  first a spoofed answer (POISON_ADDRESS) with a mismatched ID, then the
               real answer with the right ID (UDP); over TCP only the real answer
+    custom    whatever `responder(query_wire, transport)` returns (a list of raw replies):
+              for hostile replies a real server would never send
 
 Every loop here is bounded: the serving loop wakes at least every 0.2 s and exits
 when `stop()` sets the flag; `stop()` waits for the thread with a deadline.
@@ -27,7 +29,7 @@ import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import dns.flags
 import dns.message
@@ -37,7 +39,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-MODES = ("answer", "blackhole", "servfail", "truncate", "poison", "wrong_id")
+MODES = ("answer", "blackhole", "servfail", "truncate", "poison", "wrong_id", "custom")
 
 POISON_OWNER = "evil.poison.test."
 POISON_ADDRESS = "6.6.6.6"
@@ -96,10 +98,14 @@ class Nameserver:
     """A threaded test DNS server on 127.0.0.1 (UDP and TCP, one port)."""
 
     def __init__(self, mode: str = "answer", records: Records | None = None, *,
-                 ttl: int = 300, host: str = "127.0.0.1") -> None:
+                 ttl: int = 300, host: str = "127.0.0.1",
+                 responder: Callable[[bytes, str], list[bytes]] | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        if (mode == "custom") != (responder is not None):
+            raise ValueError("mode 'custom' needs a responder (and only it takes one)")
         self.mode = mode
+        self.responder = responder
         self.host = host
         self.default_ttl = ttl
         self._rrsets: dict[dns.name.Name, dict[int, dns.rrset.RRset]] = {}
@@ -293,6 +299,9 @@ class Nameserver:
         if query.flags & dns.flags.QR:
             return []
         mode = self.mode
+        if mode == "custom":
+            assert self.responder is not None
+            return self.responder(wire, transport)
         if mode == "blackhole":
             return []
         response = dns.message.make_response(query)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,27 @@ def test_every_command_has_help():
         result = runner.invoke(main, [name, "--help"])
         assert result.exit_code == 0, name
         assert cmd.help and "Example" in cmd.help, f"{name} has no help with an example"
+
+
+# ------------------------------------------------------------ big lists: the fast TOML path
+_BIG = ",\n".join(f'"h{i}.svc{i % 97}.example.com"' for i in range(6000))
+
+
+@pytest.mark.parametrize("body", [
+    _BIG, _BIG + ",", _BIG + "\n# a comment\n", _BIG.replace('",\n"h5.', '" "h5.'),
+    _BIG.replace("h7.", "h 7."), _BIG.replace("h8.", "h]8."), _BIG.replace("h9.", "h\\\\9."),
+    _BIG.replace('"h11.', "'h11.").replace('com",\n"h12', "com',\n\"h12"), _BIG + ", 5",
+], ids=["plain", "trailing-comma", "comment", "missing-comma", "space", "bracket", "escape",
+        "literal-string", "other-type"])
+def test_fast_toml_path_gives_what_tomllib_gives(body):
+    from resolver.policy import tomlfast
+
+    text = f'mode = "audit"\n[allow]\ndomains = [\n{body}\n]\n[deny]\ndomains = ["x.test"]\n'
+    try:
+        expected = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        with pytest.raises(tomllib.TOMLDecodeError) as info:
+            tomlfast.loads(text)
+        assert str(info.value) == str(exc)  # the real text's line numbers
+        return
+    assert tomlfast.loads(text) == expected

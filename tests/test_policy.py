@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resolver.core.names import text_to_wire, wire_labels
-from resolver.policy.matcher import Matcher, RuleError, compile_rule
+from resolver.policy import matcher as matcher_mod
+from resolver.policy.matcher import Matcher, RuleError, compile_rule, compile_rules
 
 
 def decide(m: Matcher, name: str | bytes):
@@ -149,3 +150,33 @@ def test_million_rules_load_and_match():
     assert decide(m, "h123456.example72.test").allowed
     assert decide(m, "deep.name.w499999.example.test").allowed
     assert not decide(m, "w499999.example.test").allowed
+
+
+# ------------------------------------------------------------ bulk compile = one by one
+_RULE_CHARS = st.sampled_from(list("abcXYZ019-_.*") + ["\\.", " ", "é", "\n", "a" * 30, "b" * 64])
+
+
+@given(st.lists(st.lists(_RULE_CHARS, min_size=0, max_size=12).map("".join), min_size=1, max_size=8))
+@settings(max_examples=400, deadline=None)
+def test_bulk_compile_matches_rule_by_rule(entries):
+    try:
+        expected = [compile_rule(e) for e in entries]
+    except RuleError as exc:
+        with pytest.raises(RuleError) as info:
+            compile_rules(entries)
+        assert str(info.value) == str(exc)
+        return
+    assert compile_rules(entries) == expected
+
+
+def test_bulk_compile_plain_names_including_ten_octet_labels():
+    entries = ["abcdefghij.example", "*.abcdefghij.test.", "A-B_c.D", "x." * 100 + "y", "*.q.r"]
+    assert matcher_mod._compile_plain(entries) == [compile_rule(e) for e in entries]
+
+
+def test_the_first_spelling_of_a_duplicate_rule_is_reported_across_chunks():
+    filler = [f"f{i}.example.com" for i in range(5000)]
+    m = Matcher(["Dup.Example.com", *filler, "dup.example.COM", "*.W.example.com", "*.w.example.com"])
+    assert m.decide(text_to_wire("dup.example.com")).rule == "Dup.Example.com"
+    assert m.decide(text_to_wire("x.w.example.com")).rule == "*.W.example.com"
+    assert m.rule_count == 5004

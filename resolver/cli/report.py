@@ -161,18 +161,24 @@ def _rcode_style(cell: str) -> dict:
     return {"fg": "yellow"} if cell in ("SERVFAIL", "NXDOMAIN", "DROPPED", "FORMERR") else {}
 
 
-def _overflow_lines(overflow: dict, colour: bool) -> list[str]:
-    if not overflow["total"]:
-        return []
-    text = (f"WARNING: {_num(overflow['total'])} lookups were not logged because the log queue was "
-            f"full ({_num(overflow['in_window'])} in this window; last {_human(overflow['last'])} UTC)")
-    return [_style(text, colour, fg="red", bold=True)]
+def _overflow_lines(overflow: dict, colour: bool, size_dropped: dict | None = None) -> list[str]:
+    lines = []
+    if overflow["total"]:
+        text = (f"WARNING: {_num(overflow['total'])} lookups were not logged because the log queue was "
+                f"full ({_num(overflow['in_window'])} in this window; last {_human(overflow['last'])} UTC)")
+        lines.append(_style(text, colour, fg="red", bold=True))
+    if size_dropped and size_dropped["total"]:
+        text = (f"WARNING: {_num(size_dropped['total'])} oldest logged lookups were deleted to keep the log "
+                f"under [log] max_size_mb ({_num(size_dropped['in_window'])} in this window; last "
+                f"{_human(size_dropped['last'])} UTC)")
+        lines.append(_style(text, colour, fg="red", bold=True))
+    return lines
 
 
 def _head_lines(data: dict, colour: bool) -> list[str]:
     window = data["window"]
     since = _human(window["since"]) if window["since"] else "the beginning"
-    lines = _overflow_lines(data["overflow"], colour)
+    lines = _overflow_lines(data["overflow"], colour, data.get("size_dropped"))
     lines.append(f"dnsguard lookup log {data['database']}")
     lines.append(f"window   {since} .. {_human(window['until'])} UTC")
     active = [f"{k}={v}" for k, v in data["filters"].items() if v is not None]
@@ -204,6 +210,9 @@ def _summary_csv(data: dict) -> str:
     for key in ("total", "in_window"):
         rows.append(["overflow", key, data["overflow"][key], "", "", "", "", "", "",
                      data["overflow"]["last"]])
+    for key in ("total", "in_window"):
+        rows.append(["size_dropped", key, data["size_dropped"][key], "", "", "", "", "", "",
+                     data["size_dropped"]["last"]])
     for key, value in data["totals"].items():
         if key != "by_verdict_mode":
             rows.append(["totals", key, value, "", "", "", "", "", "", ""])

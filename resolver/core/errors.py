@@ -30,4 +30,12 @@ class PolicyError(DnsguardError):
 
 
 class UpstreamError(DnsguardError):
-    """No upstream produced a usable answer in time."""
+    """No upstream produced a usable answer in time.
+
+    ``unparseable`` says that at least one upstream answered with a reply that could not
+    be parsed (the client's EDE then says "Network Error", not "No Reachable Authority").
+    """
+
+    def __init__(self, message: str, *, unparseable: bool = False) -> None:
+        super().__init__(message)
+        self.unparseable = unparseable

@@ -10,6 +10,10 @@ dictionary lookup and a few byte concatenations.
 Keys are ``lower-cased question name + qtype + qclass + DO bit``: the same name
 asked in different case shares an entry, and DNSSEC-OK answers (with RRSIGs)
 are kept apart from plain ones. Size is capped (LRU), so memory stays flat.
+
+Serve-stale (RFC 8767): an expired entry is kept (still within the LRU's bounds)
+for ``stale_max`` seconds after it expired; ``get`` never returns it, ``stale``
+does -- the chain asks for it only when every upstream has failed.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ class Entry:
     """One cached answer. Immutable after construction except the aged-body memo."""
 
     __slots__ = ("rcode", "counts", "body", "offsets", "ttls", "stored", "expires", "answers_json",
-                 "addrs", "note", "fed_at", "live", "_heads", "_age", "_aged")
+                 "addrs", "note", "fed_at", "live", "_heads", "_age", "_aged", "_stale")
 
     def __init__(self, rcode: int, an: int, ns: int, ar: int, body: bytes, offsets: list[int],
                  ttls: list[int], ttl: int, now: float, answers_json: str | None,
@@ -46,6 +50,7 @@ class Entry:
         self.live = True  # False once the cache has dropped it (answers memoised from it are stale)
         self._age = 0
         self._aged = body
+        self._stale: bytes | None = None
 
     def _age_to(self, age: int) -> bytes:
         buf = bytearray(self.body)
@@ -66,6 +71,27 @@ class Entry:
             return data[:2] + flags + self._heads[1] + data[12:qend] + body + wire.PLAIN_OPT[do]
         return data[:2] + flags + self._heads[0] + data[12:qend] + body
 
+    def stale_response(self, data: bytes, qend: int, udp_size: int, do: int) -> bytes:
+        """This expired answer with every TTL set to STALE_TTL and EDE 3 (RFC 8767 4, RFC 8914)."""
+        body = self._stale
+        if body is None:
+            buf = bytearray(self.body)
+            ttl = STALE_TTL.to_bytes(4, "big")
+            for off in self.offsets:
+                buf[off:off + 4] = ttl
+            body = self._stale = bytes(buf)
+        flags = wire.response_flags(data, self.rcode)
+        if udp_size:
+            return data[:2] + flags + self._heads[1] + data[12:qend] + body + STALE_OPT[do]
+        return data[:2] + flags + self._heads[0] + data[12:qend] + body
+
+
+# RFC 8767 4: "a TTL of 30 seconds is RECOMMENDED" for stale answers.
+STALE_TTL = 30
+STALE_OPT = {do: wire.opt_record(do, wire.ede_option(wire.EDE_STALE_ANSWER,
+                                                     "dnsguard: upstream down, stale answer"))
+             for do in (0, 0x80)}
+
 
 MAX_BYTES = 128 * 1024 * 1024
 
@@ -78,8 +104,9 @@ class AnswerCache:
     """
 
     def __init__(self, max_entries: int, clock: Callable[[], float] = time.monotonic,
-                 max_bytes: int = MAX_BYTES) -> None:
+                 max_bytes: int = MAX_BYTES, stale_max: float = 0.0) -> None:
         self.max_entries = max_entries
+        self.stale_max = stale_max  # seconds an expired entry is kept for serve-stale
         self.max_bytes = max_bytes
         self.bytes = 0
         self.clock = clock
@@ -96,13 +123,22 @@ class AnswerCache:
             self.misses += 1
             return None
         if entry.expires <= now:
-            del self._data[key]
-            entry.live = False
-            self.bytes -= _size(key, entry)
+            if now - entry.expires >= self.stale_max:
+                del self._data[key]
+                entry.live = False
+                self.bytes -= _size(key, entry)
             self.misses += 1
             return None
         self._data.move_to_end(key)
         self.hits += 1
+        return entry
+
+    def stale(self, key: bytes, now: float) -> Entry | None:
+        """The expired entry for ``key`` if it expired less than ``stale_max`` seconds ago."""
+        entry = self._data.get(key)
+        if entry is None or entry.expires > now or now - entry.expires >= self.stale_max:
+            return None
+        self._data.move_to_end(key)
         return entry
 
     def put(self, key: bytes, entry: Entry) -> None:

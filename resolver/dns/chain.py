@@ -11,7 +11,11 @@ Why this order:
     bytes built here and never reaches the cache lookup or an upstream socket;
   * the cache before upstream, of course; the firewall sets are refreshed from
     the cache entry *before* the answer is returned, so a client never connects
-    to an address the kernel does not yet allow.
+    to an address the kernel does not yet allow;
+  * serve-stale (RFC 8767) last: only when every upstream failed for an allowed
+    name does an expired entry answer (TTL 30, EDE 3). For STALE_RECHECK_S after
+    that, the name is answered stale at once while one background refresh at a
+    time keeps asking upstream, so an outage costs one timeout, not one per query.
 
 ``Resolver.handle`` is synchronous for everything that can be answered
 locally (denials, cache hits, errors), which is what keeps the hot path near
@@ -34,6 +38,7 @@ from resolver.core.errors import UpstreamError
 from resolver.core.model import Decision
 from resolver.dns import wire
 from resolver.dns.cache import AnswerCache, Entry
+from resolver.dns.ratelimit import RateLimiter, RefusedCounter
 from resolver.dns.stats import UpstreamStats
 from resolver.dns.upstream import Cleaner, Upstream
 from resolver.policy.config import ClientPolicy, Config
@@ -60,6 +65,15 @@ _FAST_ANSWER_MAX = 640
 # sockets (dns/outgoing.py); a TCP retry still holds a socket of its own, hence the fd bound.
 MAX_INFLIGHT = 4096
 MAX_WAITING = 16_384
+# RFC 8767 5: after a failed refresh, answer stale at once for this long ("failure recheck").
+STALE_RECHECK_S = 30.0
+_MAX_STALE_KEYS = 65_536
+# SERVFAIL's OPT when no upstream answered, by (some reply was unparseable, DO bit).
+_UPSTREAM_FAILED = {
+    (bad, do): wire.opt_record(do, wire.ede_option(
+        wire.EDE_NETWORK_ERROR if bad else wire.EDE_NO_REACHABLE_AUTHORITY,
+        "dnsguard: upstream replies could not be parsed" if bad else "dnsguard: no upstream answered"))
+    for bad in (False, True) for do in (0, 0x80)}
 
 
 def inflight_limit() -> int:
@@ -143,6 +157,10 @@ class Resolver:
         self.upstream_stats = UpstreamStats()
         self.cache = AnswerCache(config.cache.max_entries)
         self._inflight: dict[bytes, asyncio.Future[Entry]] = {}
+        self._stale_until: dict[bytes, float] = {}  # key -> answer stale without waiting until
+        self._refreshes: dict[bytes, asyncio.Task] = {}  # at most one background refresh per key
+        self.limiter: RateLimiter | None = None
+        self.refused = RefusedCounter(submit)
         self.max_inflight = inflight_limit()
         self.waiting = 0  # client queries waiting for an upstream answer
         self._wall_offset = time.time() - time.monotonic()
@@ -151,22 +169,38 @@ class Resolver:
     # -- configuration ----------------------------------------------------------------
 
     def tick(self) -> None:
-        """Called about once a second: follow wall-clock steps in log timestamps."""
+        """Called about once a second: follow wall-clock steps in log timestamps, and write the
+        rate-limit rows of the seconds that are over."""
         self._wall_offset = time.time() - time.monotonic()
+        self.refused.flush(self.config.mode, time.time())
 
-    def use(self, config: Config) -> None:
-        """Switch to a new policy. Queries already in flight finish under the old one."""
+    def close(self) -> None:
+        """Before the log closes: the rate-limit counts still held become rows."""
+        self.refused.flush(self.config.mode)
+
+    def use(self, config: Config) -> list:
+        """Switch to a new policy. Queries already in flight finish under the old one.
+
+        Returns the memos it dropped: the caller may free them off the event loop (a few
+        hundred thousand entries take milliseconds to deallocate)."""
+        garbage = [getattr(self, name, None) for name in ("_views", "_memo", "_fast", "_deny_opts")]
         self.config = config
         old = getattr(self, "upstream", None)
         if old is not None and old.servers == tuple(config.upstream.servers):
             old.timeout = config.upstream.timeout  # keep the socket pools
         else:
             self.upstream = Upstream(config.upstream.servers, config.upstream.timeout, self.upstream_stats,
-                                     self.tap)
+                                     self.tap, old.broken if old is not None else None)
             if old is not None:
                 old.retire()
         self.cleaner = Cleaner(config.cache.negative_max_ttl, config.allow_cidrs)
         self.cache.max_entries = config.cache.max_entries
+        self.cache.stale_max = config.cache.stale_max
+        rate = config.server.rate_limit
+        if not rate:
+            self.limiter = None
+        elif self.limiter is None or self.limiter.rate != rate:
+            self.limiter = RateLimiter(rate)
         self._views: dict[str, ClientView] = {}
         self._memo: dict[int, dict[bytes, Decision]] = {}
         self._deny_opts: dict[tuple[Decision, int, str | None], bytes] = {}
@@ -175,6 +209,7 @@ class Resolver:
         self._refused_opts = {do: wire.opt_record(do, wire.ede_option(wire.EDE_PROHIBITED, ""))
                               for do in (0, 0x80)}
         self._named = named_networks(config)
+        return garbage
 
     def view(self, ip: str) -> ClientView:
         v = self._views.get(ip)
@@ -212,6 +247,9 @@ class Resolver:
         """
         t0 = time.monotonic()
         try:
+            limiter = self.limiter
+            if limiter is not None and not limiter.allow(ip, t0):
+                return self._limited(data, ip, transport, t0)
             if transport == "udp":
                 # A UDP query whose bytes after the ID this client sent before gets the same
                 # answer again: a denial always (until the policy changes: `use` drops the
@@ -295,6 +333,11 @@ class Resolver:
                                                            entry.rcode, entry.answers_json, True),
                                    int(t0 - entry.stored), key, entry.note)
                 return resp
+            if self._stale_until and d.allowed and self._stale_until.get(key, 0.0) > t0:
+                resp = self._stale(data, ip, transport, t0, name_end, qend, qtype, udp_size, do, key, qname,
+                                   view, d, True)
+                if resp is not None:
+                    return resp
             if self.waiting >= MAX_WAITING:
                 self._log(t0, ip, transport, qname, qtype, d.verdict, view.mode, d.rule, wire.SERVFAIL, None,
                           False, f"overloaded: {MAX_WAITING} queries already waiting for upstream")
@@ -332,11 +375,15 @@ class Resolver:
             resp = entry.response(data, qend, udp_size, do, now)
             rcode, answers, note = entry.rcode, entry.answers_json, entry.note
         except UpstreamError as exc:
+            if d.allowed and self.cache.stale_max:
+                stale = self._stale(data, ip, transport, t0, name_end, qend, qtype, udp_size, do, key, qname,
+                                    view, d, False)
+                if stale is not None:
+                    return stale
             note = f"upstream: {exc}"
             rcode, answers = wire.SERVFAIL, None
-            resp = wire.local_answer(data, qend, wire.SERVFAIL, udp_size, do, wire.opt_record(
-                do, wire.ede_option(wire.EDE_NO_REACHABLE_AUTHORITY, "dnsguard: no upstream answered"))
-                if udp_size else None)
+            resp = wire.local_answer(data, qend, wire.SERVFAIL, udp_size, do,
+                                     _UPSTREAM_FAILED[exc.unparseable, do] if udp_size else None)
         except asyncio.CancelledError:
             # Shutdown cut this query off: it still gets its row.
             self._log(t0, ip, transport, qname, qtype, d.verdict, view.mode, d.rule, None, None, False,
@@ -364,8 +411,9 @@ class Resolver:
         fut = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:
-            raw = await self.upstream.query(question, name_len, do)
-            cleaned = self.cleaner.clean(raw, question, name_len)
+            clean = self.cleaner.clean
+            cleaned = await self.upstream.resolve(question, name_len, do,
+                                                  lambda raw: clean(raw, question, name_len))
             cache_cfg = self.config.cache
             ttl = cleaned.cache_ttl
             if ttl:
@@ -375,6 +423,8 @@ class Resolver:
                           f"rebinding: stripped {', '.join(cleaned.stripped)}" if cleaned.stripped else None)
             if ttl > 0:
                 self.cache.put(key, entry)
+            if self._stale_until:
+                self._stale_until.pop(key, None)
             fut.set_result(entry)
             return entry
         except BaseException as exc:
@@ -384,6 +434,43 @@ class Resolver:
         finally:
             del self._inflight[key]
 
+    def _stale(self, data: bytes, ip: str, transport: str, t0: float, name_end: int, qend: int, qtype: int,
+               udp_size: int, do: int, key: bytes, qname: bytes, view: ClientView, d: Decision,
+               refresh: bool) -> bytes | None:
+        """Answer from the expired entry for ``key``, if there is one young enough (RFC 8767)."""
+        now = time.monotonic()
+        entry = self.cache.stale(key, now)
+        if entry is None:
+            self._stale_until.pop(key, None)
+            return None
+        if refresh:
+            # Marked here, not when the task first runs: the next datagram may be handled before.
+            if key not in self._inflight and key not in self._refreshes:
+                task = asyncio.get_running_loop().create_task(
+                    self._refresh(key, qname + data[name_end:qend], len(qname), do))
+                self._refreshes[key] = task
+                task.add_done_callback(lambda _t, k=key: self._refreshes.pop(k, None))
+        else:  # every upstream just failed: answer stale at once for a while
+            if len(self._stale_until) >= _MAX_STALE_KEYS:
+                self._stale_until.clear()
+            self._stale_until[key] = now + STALE_RECHECK_S
+        if self.feeder is not None and entry.addrs:
+            self._feed(entry, qname, now)
+        resp = entry.stale_response(data, qend, udp_size, do)
+        if transport == "udp" and len(resp) > (min(udp_size, wire.EDNS_PAYLOAD) if udp_size else 512):
+            resp = wire.truncated(resp, qend, udp_size, do)
+        self._log(t0, ip, transport, qname, qtype, d.verdict, view.mode, d.rule, entry.rcode,
+                  entry.answers_json, True, "stale")
+        return resp
+
+    async def _refresh(self, key: bytes, question: bytes, name_len: int, do: int) -> None:
+        try:
+            await self._fetch(key, question, name_len, do)
+        except UpstreamError:
+            pass  # still down: the stale answer stands until the recheck window closes
+        except Exception:  # a refresh nobody waits for must not die unseen
+            traceback.print_exc(file=sys.stderr)
+
     def _feed(self, entry: Entry, qname: bytes, now: float) -> None:
         try:
             self.feeder.feed(entry, qname, now)
@@ -391,6 +478,16 @@ class Resolver:
             print(f"dnsguard: firewall set update failed: {exc}", file=sys.stderr)
 
     # -- outcomes that are not answers ------------------------------------------------
+
+    def _limited(self, data: bytes, ip: str, transport: str, t0: float) -> bytes | None:
+        """Past the client's rate: counted for one row a second, REFUSED with EDE 18, no text."""
+        self.refused.count(ip, transport, t0 + self._wall_offset, self.config.mode)
+        try:
+            _, qend, _, _, udp_size, do = wire.parse_query(data)
+        except wire.BadQuery:
+            return None  # over its rate and not even a valid query: not worth a packet
+        return wire.local_answer(data, qend, wire.REFUSED, udp_size, do,
+                                 self._refused_opts[do] if udp_size else None)
 
     def _bad(self, data: bytes, ip: str, transport: str, t0: float, bad: wire.BadQuery) -> bytes | None:
         rcode = bad.rcode

@@ -260,8 +260,8 @@ class DnsServer:
         self.tcp_conns.discard(conn)
 
     async def _sweep(self) -> None:
-        idle = self.config.server.tcp_idle_timeout
         while True:
+            idle = self.config.server.tcp_idle_timeout  # read each turn: a reload may change it
             await asyncio.sleep(min(1.0, idle / 4))
             self.resolver.tick()
             cutoff = time.monotonic() - idle

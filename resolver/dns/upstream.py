@@ -13,6 +13,12 @@ deadline; a timeout, ICMP refusal, SERVFAIL, REFUSED or an unparseable reply
 moves on. A truncated UDP reply is asked again over TCP. When all fail the
 caller gets UpstreamError and answers SERVFAIL -- never a hang.
 
+Hostile or broken upstreams: a reply that does not match our ID, question and
+QR=1 is ignored (we keep waiting, as for a spoofed packet); a matching reply
+whose records do not parse is a failure of that server (``BadReply``), never an
+exception that escapes. Such a server is reported on stderr once per episode
+and once more when its replies parse again.
+
 Cleaning uses dnspython (only on cache misses, where its cost is small next to
 the network round trip): answer records not on the CNAME chain from the
 question, and everything in the additional section, are dropped before the
@@ -26,9 +32,11 @@ import json
 import os
 import socket
 import struct
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import dns.exception
 import dns.message
@@ -46,7 +54,12 @@ from resolver.dns import wire
 from resolver.dns.outgoing import PortPool
 from resolver.dns.stats import UpstreamStats
 
+# The bytes-level readers live with the rest of the wire format (tests and tools still
+# import them from here too).
+from resolver.dns.wire import is_subdomain, read_name, svcb_hints
+
 HostPort = tuple[str, int]
+T = TypeVar("T")
 # One encoder for every miss: json.dumps with options builds a new JSONEncoder per call.
 _json = json.JSONEncoder(separators=(",", ":")).encode
 _RETRY_RCODES = frozenset((wire.SERVFAIL, wire.REFUSED, wire.NOTIMP, wire.FORMERR))
@@ -54,15 +67,28 @@ _KEEP_AUTHORITY = frozenset((dns.rdatatype.SOA, dns.rdatatype.NSEC, dns.rdatatyp
                              dns.rdatatype.RRSIG))
 
 
+class BadReply(ValueError):
+    """An upstream reply that matched our query but whose records cannot be used."""
+
+
 class Upstream:
     """A list of upstream servers with failover and a shared deadline.
 
     ``tap``, when set, is called with ("fwd", server, protocol, query, reply or None, sent,
     received) -- wall-clock times -- for every exchange (dnstap FORWARDER_QUERY/RESPONSE).
+
+    ``broken`` maps a server whose replies do not parse to when the last such reply came;
+    pass the previous instance's map on reload so an episode is announced once, not once
+    per policy. An episode ends when the server's replies have parsed for ``QUIET_S``: an
+    upstream alternating good and bad replies costs two stderr lines per QUIET_S, not two
+    per query.
     """
 
+    QUIET_S = 10.0
+
     def __init__(self, servers: tuple[HostPort, ...], timeout: float, stats: UpstreamStats | None = None,
-                 tap: Callable[[tuple], None] | None = None) -> None:
+                 tap: Callable[[tuple], None] | None = None,
+                 broken: dict[HostPort, float] | None = None) -> None:
         if not servers:
             raise UpstreamError("no upstream servers configured (and none in /etc/resolv.conf)")
         self.servers = tuple(servers)
@@ -70,6 +96,7 @@ class Upstream:
         self.stats = stats if stats is not None else UpstreamStats()
         self.tap = tap
         self._names = {s: _fmt(s) for s in self.servers}
+        self.broken: dict[HostPort, float] = {} if broken is None else broken
         self.pools = {server: PortPool(server, _matches) for server in self.servers}
 
     def close(self) -> None:
@@ -84,9 +111,15 @@ class Upstream:
 
     async def query(self, question: bytes, name_len: int, do: int) -> bytes:
         """Resolve ``question`` (lower-cased name + type + class); return the raw reply."""
+        return await self.resolve(question, name_len, do, bytes)
+
+    async def resolve(self, question: bytes, name_len: int, do: int, use: Callable[[bytes], T]) -> T:
+        """Resolve ``question`` and return ``use(reply)``; a reply ``use`` rejects with
+        BadReply counts as that server failing, and the next one is asked."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         reasons = []
+        unparseable = False
         for idx, server in enumerate(self.servers):
             left = deadline - loop.time()
             if left <= 0:
@@ -129,8 +162,35 @@ class Upstream:
                 self.stats.error(name, "rcode")
                 reasons.append(f"{name}: rcode {rcode}")
                 continue
-            return reply
-        raise UpstreamError("; ".join(reasons) or "no upstream answered")
+            try:
+                result = use(reply)
+            except BadReply as exc:
+                self.stats.error(name, "malformed")
+                reasons.append(f"{name}: {exc}")
+                unparseable = True
+                self._episode(server, True)
+                continue
+            self._episode(server, False)
+            return result
+        raise UpstreamError("; ".join(reasons) or "no upstream answered", unparseable=unparseable)
+
+    def _episode(self, server: HostPort, bad: bool) -> None:
+        last = self.broken.get(server)
+        now = asyncio.get_running_loop().time()
+        if bad:
+            self.broken[server] = now
+            if last is not None:
+                return
+            line = f"dnsguard: upstream {_fmt(server)}: unparseable replies, answering SERVFAIL"
+        else:
+            if last is None or now - last < self.QUIET_S:
+                return
+            del self.broken[server]
+            line = f"dnsguard: upstream {_fmt(server)}: replies parse again"
+        try:
+            print(line, file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass  # stderr gone: never fail a query over it
 
     @staticmethod
     def _tap(tap: Callable[[tuple], None], server: HostPort, proto: str, packet: bytes, reply: bytes | None,
@@ -138,6 +198,11 @@ class Upstream:
         # The clock is monotonic; dnstap wants wall-clock seconds.
         off = time.time() - time.monotonic()
         tap(("fwd", server, proto, packet, reply, sent + off, received + off))
+
+
+def _bad(exc: Exception) -> BadReply:
+    # dnspython's messages span lines: one line each, for stderr and the log's note.
+    return BadReply(f"unparseable reply ({exc.__class__.__name__}: {' '.join(str(exc).split())})")
 
 
 def _fmt(server: HostPort) -> str:
@@ -210,11 +275,21 @@ class Cleaner:
         return is_public(ip) or bool(self.allowed_cidrs and rebinding_filter([ip], self.allowed_cidrs)[0])
 
     def clean(self, reply: bytes, question: bytes, name_len: int) -> Cleaned:
+        """Reduce a reply that matched our query; BadReply if its records cannot be used."""
         try:
             fast = self._fast(reply, question, name_len)
         except (ValueError, IndexError, struct.error, OSError):
             fast = None
-        return fast if fast is not None else self._full(reply, question)
+        if fast is not None:
+            return fast
+        try:
+            return self._full(reply, question)
+        except BadReply:
+            raise
+        except Exception as exc:
+            # The bytes are the upstream's: whatever the parser and renderer make of them,
+            # the outcome is "this server's reply is unusable", never a traceback per reply.
+            raise _bad(exc) from None
 
     # -- bytes path ---------------------------------------------------------------------
 
@@ -308,7 +383,7 @@ class Cleaner:
         try:
             msg = dns.message.from_wire(reply, ignore_trailing=True, one_rr_per_rrset=False)
         except (dns.exception.DNSException, ValueError, IndexError) as exc:
-            raise ValueError(f"unparseable upstream reply: {exc}") from None
+            raise _bad(exc) from None
         qname = msg.question[0].name
         qtype = msg.question[0].rdtype
 
@@ -419,69 +494,6 @@ _RR = struct.Struct(">HHIH")
 # checked with read_name (CNAME), or an uncompressed one (SVCB/HTTPS, checked in svcb_hints).
 _FAST_OPAQUE = frozenset((wire.TYPE_A, wire.TYPE_AAAA, wire.TYPE_CNAME, 16, wire.TYPE_SVCB, wire.TYPE_HTTPS))
 _KEEP_AUTH_TYPES = frozenset((wire.TYPE_SOA, 47, 50, 46))  # SOA, NSEC, NSEC3, RRSIG
-
-
-def read_name(data: bytes, i: int) -> tuple[bytes, int]:
-    """Decompress the name at ``i``: (lower-cased wire name, offset just past it in place)."""
-    out = bytearray()
-    end = -1
-    hops = 0
-    while True:
-        length = data[i]
-        if length == 0:
-            out.append(0)
-            if end < 0:
-                end = i + 1
-            break
-        if length & 0xC0 == 0xC0:
-            if end < 0:
-                end = i + 2
-            hops += 1
-            target = ((length & 0x3F) << 8) | data[i + 1]
-            # Strictly backwards (no loops, nothing into a section we cut off) and past the
-            # header, which the client's answer replaces with different bytes.
-            if target >= i or target < 12 or hops > 127:
-                raise ValueError("compression pointer that does not point backwards")
-            i = target
-            continue
-        if length > 63:
-            raise ValueError("bad label type")
-        out += data[i:i + length + 1]
-        i += length + 1
-        if len(out) > 255:
-            raise ValueError("name longer than 255 octets")
-    return bytes(out).lower(), end
-
-
-def is_subdomain(name: bytes, parent: bytes) -> bool:
-    """Is wire name ``name`` equal to or below ``parent`` (label-aligned)?"""
-    if not name.endswith(parent):
-        return False
-    cut = len(name) - len(parent)
-    i = 0
-    while i < cut:
-        i += name[i] + 1
-    return i == cut
-
-
-def svcb_hints(data: bytes, start: int, end: int) -> list[str]:
-    """ipv4hint / ipv6hint addresses of an SVCB/HTTPS record's RDATA (RFC 9460)."""
-    i = start + 2
-    while data[i]:  # the target name is never compressed (RFC 9460 2.2)
-        if data[i] > 63:
-            raise ValueError("compressed or malformed SVCB target name")
-        i += data[i] + 1
-    i += 1
-    out = []
-    while i + 4 <= end:
-        key, length = (data[i] << 8) | data[i + 1], (data[i + 2] << 8) | data[i + 3]
-        i += 4
-        if key in (4, 6):
-            size, family = (4, socket.AF_INET) if key == 4 else (16, socket.AF_INET6)
-            for j in range(i, i + length - size + 1, size):
-                out.append(socket.inet_ntop(family, data[j:j + size]))
-        i += length
-    return out
 
 
 def _count_additional(reply: bytes) -> int:

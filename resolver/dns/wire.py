@@ -14,6 +14,7 @@ randomise letter case, "0x20", check them) and carry the client's ID.
 
 from __future__ import annotations
 
+import socket
 import struct
 
 # RCODEs
@@ -27,6 +28,7 @@ CLASS_IN = 1
 
 # Extended DNS Error info-codes (RFC 8914)
 EDE_BLOCKED, EDE_PROHIBITED, EDE_NO_REACHABLE_AUTHORITY, EDE_NOT_SUPPORTED = 15, 18, 22, 21
+EDE_STALE_ANSWER, EDE_NETWORK_ERROR = 3, 23
 
 # What dnsguard advertises and the most it sends over UDP: 1232 avoids IP fragmentation
 # (DNS Flag Day 2020), which is also what keeps off-path spoofing of fragments out.
@@ -159,8 +161,15 @@ def local_answer(data: bytes, qend: int, rcode: int, udp_size: int, do: int, opt
 
 
 def error_answer(data: bytes, rcode: int) -> bytes:
-    """A header-only answer (FORMERR / NOTIMP) for a packet whose question can't be trusted."""
-    return data[:2] + bytes((0x80 | (data[2] & 0x79), 0x80 | (rcode & 0xF))) + b"\x00" * 8
+    """A header-only answer (FORMERR / NOTIMP) for a packet whose question can't be trusted.
+
+    RFC 1035 4.1.1: ID, opcode and RD are copied. RA only for opcode QUERY, the only one
+    recursion is defined for (an answer to NOTIFY/UPDATE/STATUS claiming it is wrong, as
+    EDNS-compliance testers flag); AA, TC, Z, AD and CD are never echoed.
+    """
+    flags = data[2]
+    ra = 0 if flags & 0x78 else 0x80
+    return data[:2] + bytes((0x80 | (flags & 0x79), ra | (rcode & 0xF))) + b"\x00" * 8
 
 
 def badvers_answer(data: bytes, qend: int) -> bytes:
@@ -223,3 +232,66 @@ def record_ttls(data: bytes, start: int, count: int) -> tuple[list[int], list[in
         if i > len(data):
             raise ValueError("record runs past the message")
     return offsets, ttls, i
+
+
+def read_name(data: bytes, i: int) -> tuple[bytes, int]:
+    """Decompress the name at ``i``: (lower-cased wire name, offset just past it in place)."""
+    out = bytearray()
+    end = -1
+    hops = 0
+    while True:
+        length = data[i]
+        if length == 0:
+            out.append(0)
+            if end < 0:
+                end = i + 1
+            break
+        if length & 0xC0 == 0xC0:
+            if end < 0:
+                end = i + 2
+            hops += 1
+            target = ((length & 0x3F) << 8) | data[i + 1]
+            # Strictly backwards (no loops, nothing into a section we cut off) and past the
+            # header, which the client's answer replaces with different bytes.
+            if target >= i or target < 12 or hops > 127:
+                raise ValueError("compression pointer that does not point backwards")
+            i = target
+            continue
+        if length > 63:
+            raise ValueError("bad label type")
+        out += data[i:i + length + 1]
+        i += length + 1
+        if len(out) > 255:
+            raise ValueError("name longer than 255 octets")
+    return bytes(out).lower(), end
+
+
+def is_subdomain(name: bytes, parent: bytes) -> bool:
+    """Is wire name ``name`` equal to or below ``parent`` (label-aligned)?"""
+    if not name.endswith(parent):
+        return False
+    cut = len(name) - len(parent)
+    i = 0
+    while i < cut:
+        i += name[i] + 1
+    return i == cut
+
+
+def svcb_hints(data: bytes, start: int, end: int) -> list[str]:
+    """ipv4hint / ipv6hint addresses of an SVCB/HTTPS record's RDATA (RFC 9460)."""
+    i = start + 2
+    while data[i]:  # the target name is never compressed (RFC 9460 2.2)
+        if data[i] > 63:
+            raise ValueError("compressed or malformed SVCB target name")
+        i += data[i] + 1
+    i += 1
+    out = []
+    while i + 4 <= end:
+        key, length = (data[i] << 8) | data[i + 1], (data[i + 2] << 8) | data[i + 3]
+        i += 4
+        if key in (4, 6):
+            size, family = (4, socket.AF_INET) if key == 4 else (16, socket.AF_INET6)
+            for j in range(i, i + length - size + 1, size):
+                out.append(socket.inet_ntop(family, data[j:j + size]))
+        i += length
+    return out

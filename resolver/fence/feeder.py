@@ -59,6 +59,10 @@ class Fence:
                     out[family] = info.entries
         return out
 
+    def set_ttl_bounds(self, min_ttl: int, max_ttl: int) -> None:
+        """[firewall] min_ttl/max_ttl changed by a reload: later set entries use the new clamps."""
+        self.feeder.set_ttl_bounds(min_ttl, max_ttl)
+
     def close(self) -> None:
         if self.recorder is not None:
             self.recorder.stop()

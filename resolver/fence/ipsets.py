@@ -161,6 +161,10 @@ class SetFeeder:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def set_ttl_bounds(self, min_ttl: int, max_ttl: int) -> None:
+        """New clamps (a policy reload); entries already in the sets keep their timeouts."""
+        self.min_timeout, self.max_timeout = timeout_bounds(min_ttl, max_ttl)
+
     def clamp(self, ttl: int) -> int:
         """The set timeout used for an answer TTL."""
         if ttl < self.min_timeout:

@@ -53,10 +53,12 @@ WRITER_INTERVAL = 0.25  # s; under load a transaction gathers up to this long (o
 class ProcessLog:
     """`QueryLog`'s interface (``submit``, ``start``, ``close``, ``overflow``), writer in a child."""
 
-    def __init__(self, path: str, *, queue_max: int = 200_000, retention_days: float | None = 30) -> None:
+    def __init__(self, path: str, *, queue_max: int = 200_000, retention_days: float | None = 30,
+                 max_size_mb: float | None = None) -> None:
         self.path = str(path)
         self.queue_max = queue_max
         self.retention_days = retention_days
+        self.max_size_mb = max_size_mb
         self.overflow = 0  # counted here; handed to the child, which stores it
         self.handed = 0  # rows serialised for the writer (counted per batch, off the hot path)
         self._sent_overflow = 0
@@ -83,7 +85,8 @@ class ProcessLog:
         # group reaches only the server, which then hands over the last records itself.
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "resolver.log.logproc", self.path, str(self.queue_max),
-             "" if self.retention_days is None else str(self.retention_days)],
+             "" if self.retention_days is None else str(self.retention_days),
+             str(self.max_size_mb or 0)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True, start_new_session=True,
             cwd=os.getcwd())
         assert self._proc.stdin is not None
@@ -175,6 +178,14 @@ class ProcessLog:
             self._loop.remove_writer(self._fd)
         self._watching = on
 
+    def configure(self, *, retention_days: float | None, max_size_mb: float | None, queue_max: int) -> None:
+        """New [log] bounds from a policy reload: this side's queue bound now, the writer's
+        retention, size cap and queue bound with the next hand-over."""
+        self.queue_max = queue_max
+        self.retention_days = retention_days
+        self.max_size_mb = max_size_mb
+        self._frame(("config", (retention_days, max_size_mb or 0, queue_max)))
+
     def stop_flushing(self) -> None:
         """Stop the periodic hand-over; call in the loop thread before `close` runs elsewhere."""
         self._watch_pipe(False)
@@ -254,7 +265,8 @@ def _read_exact(stream: Any, n: int) -> bytes:
 
 
 def main(argv: list[str]) -> int:
-    """The writer process: `python -m resolver.log.logproc DB QUEUE_MAX RETENTION_DAYS`, frames on stdin."""
+    """The writer process: `python -m resolver.log.logproc DB QUEUE_MAX RETENTION_DAYS [MAX_SIZE_MB]`,
+    frames on stdin."""
     # The server decides when we stop (it sends None, or goes away and we see end-of-file).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -272,10 +284,11 @@ def main(argv: list[str]) -> int:
     next_gc = time.monotonic() + GC_INTERVAL
 
     path, queue_max, retention = argv[0], int(argv[1]), argv[2]
+    max_size_mb = float(argv[3]) if len(argv) > 3 else 0.0
     # Big transactions: per-commit costs (WAL frames for the index and rollup pages a batch
     # touches) are paid once per batch, not per row.
     log = QueryLog(path, queue_max=queue_max, retention_days=float(retention) if retention else None,
-                   batch_max=WRITER_BATCH, batch_interval=WRITER_INTERVAL)
+                   batch_max=WRITER_BATCH, batch_interval=WRITER_INTERVAL, max_size_mb=max_size_mb)
     log.start()
     submit_many = log.submit_many
     stream = sys.stdin.buffer
@@ -294,6 +307,8 @@ def main(argv: list[str]) -> int:
             submit_many(payload)
         elif kind == "overflow":
             log.overflow += payload
+        elif kind == "config":
+            log.configure(*payload)
     return 0 if log.close() else 1
 
 

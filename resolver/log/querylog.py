@@ -28,6 +28,7 @@ base table ``lookup_rows`` holds only integers, reals and the rarely-present tex
                                     NULL = no reply sent), answers (JSON text), cached (0/1),
                                     latency_ms, note
 * ``log_overflow(ts, dropped)``     one row per time the queue bound discarded records
+* ``log_size_drops(ts, dropped)``   one row per chunk of oldest rows deleted for ``max_size_mb``
 * ``connections``                   (issue #5) ts, source, destination, protocol, port, verdict, name
 * VIEW ``lookups``                  the contract columns, decoded: id, ts (REAL), time (ISO
                                     8601 UTC text, ms), client, transport, qname, qtype
@@ -66,8 +67,15 @@ from resolver.log.schema import (
     ROLLUP_NULL,
     ROLLUP_SECONDS,
     _insert_chunk_sql,
+    drop_oldest_rows,
     open_for_writing,
+    used_bytes,
 )
+
+# How often the database size is compared with max_size_mb while under it; once over, every
+# writer turn deletes one chunk of the oldest rows until it is under SHRINK_TO of the limit.
+SIZE_CHECK_S = 1.0
+SHRINK_TO = 0.9
 
 
 # ------------------------------------------------------------------------- writer
@@ -80,8 +88,13 @@ class QueryLog:
     """
 
     def __init__(self, path: str, *, queue_max: int = 200_000, retention_days: float | None = 30,
-                 batch_max: int = 5000, prune_interval: float = 60.0, batch_interval: float = 0.0) -> None:
+                 batch_max: int = 5000, prune_interval: float = 60.0, batch_interval: float = 0.0,
+                 max_size_mb: float | None = None) -> None:
         self.path = str(path)
+        self.max_bytes = int(max_size_mb * 1024 * 1024) if max_size_mb else 0
+        self.size_dropped = 0
+        self._shrinking = False
+        self._next_size_check = 0.0
         self.queue_max = queue_max
         self.retention_days = retention_days
         self.batch_max = batch_max
@@ -130,6 +143,15 @@ class QueryLog:
             self.overflow += len(records) - max(room, 0)
         if len(self._q) >= self.batch_max:
             self._wake.set()
+
+    def configure(self, retention_days: float | None, max_size_mb: float | None, queue_max: int) -> None:
+        """New bounds (a policy reload); the next writer turn prunes and checks the size."""
+        self.retention_days = retention_days or None
+        self.max_bytes = int(max_size_mb * 1024 * 1024) if max_size_mb else 0
+        self.queue_max = queue_max
+        self._next_prune = 0.0
+        self._next_size_check = 0.0
+        self._wake.set()
 
     # -- lifecycle ------------------------------------------------------------
     def start(self) -> None:
@@ -297,6 +319,8 @@ class QueryLog:
             with conn:
                 conn.execute("INSERT INTO log_overflow (ts, dropped) VALUES (?, ?)", (time.time(), dropped))
             self._overflow_saved += dropped
+        if self.max_bytes and (self._shrinking or time.monotonic() >= self._next_size_check):
+            self._keep_under_size(conn)
         if self.retention_days and time.monotonic() >= self._next_prune:
             # Whole hours only, so the rollup and the rows it counts always cover the same span.
             hour = int((time.time() - self.retention_days * 86400.0) // ROLLUP_SECONDS)
@@ -319,6 +343,28 @@ class QueryLog:
             self.pruned += cur.rowcount
             if cur.rowcount < PRUNE_CHUNK and hours.rowcount == 0:
                 self._next_prune = time.monotonic() + self.prune_interval
+
+    def _keep_under_size(self, conn: sqlite3.Connection) -> None:
+        used = used_bytes(conn)
+        if used <= (SHRINK_TO * self.max_bytes if self._shrinking else self.max_bytes):
+            if self._shrinking:
+                self._shrinking = False
+                self._say(f"under max_size_mb again ({used / 1048576:.1f} MiB used); "
+                          f"{self.size_dropped} oldest rows deleted so far")
+            self._next_size_check = time.monotonic() + SIZE_CHECK_S
+            return
+        if not self._shrinking:
+            self._shrinking = True
+            self._say(f"{used / 1048576:.1f} MiB used, over max_size_mb ({self.max_bytes / 1048576:g}): "
+                      f"deleting the oldest rows until under {SHRINK_TO:.0%} of it")
+        # One chunk per writer turn, like retention pruning: the queue keeps draining meanwhile.
+        with conn:
+            n = drop_oldest_rows(conn, PRUNE_CHUNK, time.time())
+        self.size_dropped += n
+        if n == 0:  # what is left is names, clients and rules: nothing more to delete safely
+            self._shrinking = False
+            self._next_size_check = time.monotonic() + 60.0
+            self._say("over max_size_mb with no rows left to delete")
 
     def _write(self, batch: list[tuple]) -> None:
         conn = self._conn

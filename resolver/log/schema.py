@@ -15,7 +15,7 @@ from sqlite_utils import Database
 from resolver.core.logdb import MODE_CODES, TRANSPORT_CODES, VERDICT_CODES
 from resolver.core.model import LOG_FIELDS
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # How long one SQLite call may wait for a lock. Python's default is 5 s, which would
 # leave the writer deaf to close() and to its own backoff for that long.
@@ -208,9 +208,47 @@ def _migrate_to_2(db: Database) -> None:
     rebuild_rollup(conn)
 
 
+def _migrate_to_3(db: Database) -> None:
+    # [log] max_size_mb: rows deleted to keep the log under its size are counted here, as
+    # log_overflow counts the ones never written, so a report can say that rows are missing.
+    db.conn.execute("CREATE TABLE IF NOT EXISTS log_size_drops (ts REAL NOT NULL, dropped INTEGER NOT NULL)")
+
+
+# Subtract the counts of the rows with id <= ? from the rollup (their hour and key), so it
+# keeps agreeing with the rows left; keys that reach zero go.
+_ROLLUP_SUBTRACT_SQL = (
+    f"INSERT INTO lookup_rollup (hour, {', '.join(ROLLUP_COLUMNS)}, n, first, last) "
+    f"SELECT {_HOUR_SQL}, {', '.join(f'coalesce({c}, {ROLLUP_NULL})' for c in ROLLUP_COLUMNS)}, "
+    f"-count(*), min(ts), max(ts) FROM lookup_rows WHERE id <= ? "
+    f"GROUP BY 1, {', '.join(str(i) for i in range(2, 2 + len(ROLLUP_COLUMNS)))} "
+    "ON CONFLICT (hour, name_id, verdict, mode, client_id, rule_id, rcode) DO UPDATE SET n = n + excluded.n")
+
+
+def drop_oldest_rows(conn: sqlite3.Connection, limit: int, now: float) -> int:
+    """Delete up to ``limit`` of the oldest rows and their share of the rollup, and record how
+    many in ``log_size_drops``; the caller holds the transaction. Returns the rows deleted."""
+    row = conn.execute("SELECT max(id), count(*) FROM (SELECT id FROM lookup_rows ORDER BY id LIMIT ?)",
+                       (limit,)).fetchone()
+    upto, n = row[0], row[1]
+    if not n:
+        return 0
+    conn.execute(_ROLLUP_SUBTRACT_SQL, (upto,))
+    conn.execute("DELETE FROM lookup_rollup WHERE n <= 0")
+    conn.execute("DELETE FROM lookup_rows WHERE id <= ?", (upto,))
+    conn.execute("INSERT INTO log_size_drops (ts, dropped) VALUES (?, ?)", (now, n))
+    return n
+
+
+def used_bytes(conn: sqlite3.Connection) -> int:
+    """Bytes of the database file in use (pages not on the free list): what deleting rows shrinks."""
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    return (pages - free) * conn.execute("PRAGMA page_size").fetchone()[0]
+
+
 # Index i migrates a database from user_version i to i + 1. Later issues append here
 # and bump SCHEMA_VERSION.
-MIGRATIONS: list[Callable[[Database], None]] = [_migrate_to_1, _migrate_to_2]
+MIGRATIONS: list[Callable[[Database], None]] = [_migrate_to_1, _migrate_to_2, _migrate_to_3]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 

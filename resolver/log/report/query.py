@@ -203,12 +203,12 @@ def _client_ids(db: Database, client: str) -> list[int]:
 
 
 # -------------------------------------------------------------------- helpers
-def _overflow(db: Database, since: float | None, until: float | None) -> dict:
-    if "log_overflow" not in db.table_names():
+def _overflow(db: Database, since: float | None, until: float | None, table: str = "log_overflow") -> dict:
+    if table not in db.table_names():
         return {"total": 0, "in_window": 0, "last": None}
-    row = _rows(db, "SELECT coalesce(sum(dropped), 0) AS total, max(ts) AS last FROM log_overflow")[0]
+    row = _rows(db, f"SELECT coalesce(sum(dropped), 0) AS total, max(ts) AS last FROM {table}")[0]
     win = _rows(
-        db, "SELECT coalesce(sum(dropped), 0) AS n FROM log_overflow WHERE ts >= ? AND ts < ?",
+        db, f"SELECT coalesce(sum(dropped), 0) AS n FROM {table} WHERE ts >= ? AND ts < ?",
         (since if since is not None else float("-inf"), until if until is not None else float("inf")),
     )[0]
     return {"total": int(row["total"]), "in_window": int(win["n"]), "last": iso(row["last"])}
@@ -405,6 +405,7 @@ def _head(db: Database, schema_id: str, since: float | None, until: float | None
         "window": {"since": iso(since), "until": iso(until)},
         "filters": filters.as_dict(),
         "overflow": _overflow(db, since, until),
+        "size_dropped": _overflow(db, since, until, "log_size_drops"),
     }
 
 

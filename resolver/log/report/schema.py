@@ -39,6 +39,11 @@ _OVERFLOW = {
     "additionalProperties": False,
     "properties": {"total": _COUNT, "in_window": _COUNT, "last": _TIME_OR_NULL},
 }
+_SIZE_DROPPED = {
+    **_OVERFLOW,
+    "description": "Logged lookups deleted, oldest first, to keep the log under [log] max_size_mb "
+                   "(cumulative; `in_window` counts deletions made in the window, not the rows' times).",
+}
 _NAME_STAT = {
     "type": "object",
     "required": ["name", "count", "enforce", "audit", "first_seen", "last_seen", "clients",
@@ -110,7 +115,7 @@ _FINDING = {
 def _report_schema(schema_id: str, title: str, body: dict) -> dict:
     """A report document's schema: the head every report shares (see `_head`), then ``body``."""
     head = {"schema": {"const": schema_id}, "database": {"type": "string"}, "generated": _TIME,
-            "window": _WINDOW, "filters": _FILTERS, "overflow": _OVERFLOW}
+            "window": _WINDOW, "filters": _FILTERS, "overflow": _OVERFLOW, "size_dropped": _SIZE_DROPPED}
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": schema_id,
