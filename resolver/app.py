@@ -130,7 +130,7 @@ class App:
         if cfg.firewall.enabled:
             from resolver.fence.feeder import make_feeder
 
-            self.feeder = make_feeder(cfg, self.querylog)
+            self.feeder = make_feeder(cfg, self.querylog, config_of=lambda: self.config)
         self.resolver = Resolver(cfg, submit=self.querylog.submit if self.querylog else None,
                                  feeder=self.feeder)
         server = DnsServer(cfg, self.resolver, on_reload=self.reload)

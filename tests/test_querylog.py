@@ -395,7 +395,9 @@ def test_schema_has_integer_indexes_and_future_tables(db_path: Path) -> None:
         assert {"names", "clients", "rules", "rrtypes", "lookup_rows", "log_overflow",
                 "connections"} <= tables
         conn_cols = [r[1] for r in conn.execute("PRAGMA table_info(connections)")]
-        assert conn_cols == ["id", "ts", "source", "destination", "protocol", "port", "verdict", "name"]
+        assert conn_cols == ["id", "ts", "source", "destination", "protocol", "port", "verdict", "name",
+                             "end_ts", "source_port", "packets_out", "bytes_out", "packets_in", "bytes_in",
+                             "client", "rule"]
         indexed = {r[2] for idx in conn.execute("PRAGMA index_list(lookup_rows)")
                    for r in conn.execute(f"PRAGMA index_info({idx[1]})")}
         types = {r[1]: r[2] for r in conn.execute("PRAGMA table_info(lookup_rows)")}

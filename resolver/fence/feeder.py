@@ -13,6 +13,7 @@ name instead of one per answer.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from resolver.fence.ipsets import SetFeeder
@@ -30,9 +31,11 @@ class Fed(Protocol):
 
 
 class Fence:
-    def __init__(self, feeder: SetFeeder, recorder: Any = None, refresh: float = REFRESH_INTERVAL) -> None:
+    def __init__(self, feeder: SetFeeder, recorder: Any = None, refresh: float = REFRESH_INTERVAL,
+                 connections: Any = None) -> None:
         self.feeder = feeder
         self.recorder = recorder
+        self.connections = connections  # the conntrack ConnRecorder, if running
         self.refresh = refresh
 
     def feed(self, entry: Fed, qname: bytes, now: float) -> None:
@@ -44,21 +47,42 @@ class Fence:
         self.feeder.feed([(ip, ttl - age) for ip, ttl in entry.addrs], qname)
 
     def close(self) -> None:
+        if self.connections is not None:
+            self.connections.stop()
         if self.recorder is not None:
             self.recorder.stop()
         self.feeder.close()
 
 
-def make_feeder(config: Config, querylog: Any = None) -> Fence:
-    """Open the sets (creating them if `firewall apply` has not run yet) and the NFLOG reader."""
+def make_feeder(config: Config, querylog: Any = None, config_of: Callable[[], Config] | None = None) -> Fence:
+    """Open the sets (creating them if `firewall apply` has not run yet), the NFLOG reader
+    (blocked attempts) and the conntrack recorder (every flow let through).
+
+    `config_of` returns the running policy (it changes on reload); client and rule of a
+    recorded connection come from it.
+    """
     fw = config.firewall
     feeder = SetFeeder(fw.min_ttl, fw.max_ttl)
     feeder.ensure_sets()
-    recorder = None
+    recorder = connections = None
     if config.log.enabled:
+        from resolver.fence.connrec import ConnRecorder, policy_describer
         from resolver.fence.nflog import NflogError, NflogRecorder
 
-        recorder = NflogRecorder(config.log.database, name_of=feeder.names.get)
+        current = config_of or (lambda: config)
+        describe = policy_describer(current)
+        if fw.record_connections:
+            connections = ConnRecorder(config.log.database, name_of=feeder.names.get, describe=describe,
+                                       refresh=fw.connection_refresh)
+            try:
+                connections.start()
+            except OSError as exc:
+                print(f"dnsguard: cannot read conntrack, allowed connections will not be recorded: {exc}",
+                      file=sys.stderr, flush=True)
+                connections = None
+        recorder = NflogRecorder(config.log.database, name_of=feeder.names.get,
+                                 client_of=lambda ip: describe(ip, ip, None, False)[0],
+                                 skip_audit=connections is not None)
         try:
             recorder.start()
         except (NflogError, OSError) as exc:
@@ -66,4 +90,4 @@ def make_feeder(config: Config, querylog: Any = None) -> Fence:
             print(f"dnsguard: cannot read NFLOG, blocked connections will not be recorded: {exc}",
                   file=sys.stderr, flush=True)
             recorder = None
-    return Fence(feeder, recorder)
+    return Fence(feeder, recorder, connections=connections)

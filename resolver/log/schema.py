@@ -12,10 +12,10 @@ import dns.rcode
 import dns.rdatatype
 from sqlite_utils import Database
 
-from resolver.core.logdb import MODE_CODES, TRANSPORT_CODES, VERDICT_CODES
+from resolver.core.logdb import MODE_CODES, TRANSPORT_CODES, VERDICT_CODES, ensure_connections_table
 from resolver.core.model import LOG_FIELDS
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # How long one SQLite call may wait for a lock. Python's default is 5 s, which would
 # leave the writer deaf to close() and to its own backoff for that long.
@@ -208,9 +208,18 @@ def _migrate_to_2(db: Database) -> None:
     rebuild_rollup(conn)
 
 
+def _migrate_to_3(db: Database) -> None:
+    # Issue #12: every outbound connection from conntrack, with its end, ports, counters,
+    # client and rule. Old rows keep NULL there; blocked rows are over when they start.
+    old = {r[1] for r in db.conn.execute("PRAGMA table_info(connections)")}
+    ensure_connections_table(db.conn, commit=False)
+    if "end_ts" not in old:  # every row so far is an NFLOG attempt (the recorder adds end_ts)
+        db.conn.execute("UPDATE connections SET end_ts = ts WHERE end_ts IS NULL")
+
+
 # Index i migrates a database from user_version i to i + 1. Later issues append here
 # and bump SCHEMA_VERSION.
-MIGRATIONS: list[Callable[[Database], None]] = [_migrate_to_1, _migrate_to_2]
+MIGRATIONS: list[Callable[[Database], None]] = [_migrate_to_1, _migrate_to_2, _migrate_to_3]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 

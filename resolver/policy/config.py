@@ -67,6 +67,16 @@ class FirewallSettings:
     max_ttl: int = 86_400
     # ("tcp", 443) pairs; None means every port.
     ports: tuple[tuple[str, int], ...] | None = (("tcp", 80), ("tcp", 443), ("udp", 443))
+    # Every flow the fence lets through becomes a `connections` row (from conntrack); the
+    # counters of open connections are refreshed this often (seconds, at most 60).
+    record_connections: bool = True
+    connection_refresh: float = 30.0
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    # A client that sent more than this many MB to one name in a report window is flagged.
+    upload_warn_mb: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +106,7 @@ class Config:
     allow_cidrs: tuple[IPNetwork, ...]
     clients: tuple[ClientPolicy, ...]
     matcher: Matcher = field(compare=False, repr=False)
+    report: ReportSettings = field(default_factory=ReportSettings)
 
     @property
     def listen(self) -> tuple[HostPort, ...]:
@@ -294,7 +305,7 @@ def without_self(servers: list[HostPort] | tuple[HostPort, ...],
 
 # ---------------------------------------------------------------- entry points
 
-TOP_KEYS = {"mode", "server", "upstream", "cache", "allow", "deny", "log", "firewall", "clients"}
+TOP_KEYS = {"mode", "server", "upstream", "cache", "allow", "deny", "log", "firewall", "clients", "report"}
 
 
 def parse_config(text: str, path: str = "<policy>") -> Config:
@@ -366,23 +377,35 @@ def parse_config(text: str, path: str = "<policy>") -> Config:
     if log.retention_days < 0 or log.queue_max <= 0:
         raise ctx.fail("log.retention_days must be >= 0 and log.queue_max > 0", key="log")
 
-    fw = _table(ctx, data, "firewall", {"enabled", "min_ttl", "max_ttl", "ports"})
+    fw = _table(ctx, data, "firewall", {"enabled", "min_ttl", "max_ttl", "ports", "record_connections",
+                                        "connection_refresh_s"})
     firewall = FirewallSettings(
         enabled=_typed(ctx, fw, "firewall", "enabled", bool, False),
         min_ttl=_typed(ctx, fw, "firewall", "min_ttl", int, 30),
         max_ttl=_typed(ctx, fw, "firewall", "max_ttl", int, 86_400),
         ports=_ports(ctx, fw["ports"]) if "ports" in fw else FirewallSettings.ports,
+        record_connections=_typed(ctx, fw, "firewall", "record_connections", bool, True),
+        connection_refresh=float(_typed(ctx, fw, "firewall", "connection_refresh_s", (int, float), 30.0)),
     )
     if not 1 <= firewall.min_ttl <= firewall.max_ttl <= 2_147_483:
         raise ctx.fail("firewall: 1 <= min_ttl <= max_ttl <= 2147483 required (ipset's limits)",
                        key="min_ttl")
+    if not 0 < firewall.connection_refresh <= 60:
+        raise ctx.fail("firewall.connection_refresh_s must be more than 0 and at most 60 (seconds)",
+                       key="connection_refresh_s")
+
+    rp = _table(ctx, data, "report", {"upload_warn_mb"})
+    warn_mb = _typed(ctx, rp, "report", "upload_warn_mb", (int, float), 10.0)
+    report = ReportSettings(upload_warn_mb=float(warn_mb))
+    if report.upload_warn_mb <= 0:
+        raise ctx.fail("report.upload_warn_mb must be positive", key="upload_warn_mb")
 
     clients = _clients(ctx, data.get("clients", []), mode, allow, deny)
 
     return Config(
         path=path, text=text, mode=mode, server=server, upstream=upstream, cache=cache, log=log,
         firewall=firewall, allow_domains=tuple(allow), deny_domains=tuple(deny),
-        allow_cidrs=allow_cidrs, clients=clients, matcher=matcher,
+        allow_cidrs=allow_cidrs, clients=clients, matcher=matcher, report=report,
     )
 
 
