@@ -7,9 +7,11 @@ listening for the agent and for loopback-redirected user-mode DNS), an HTTP serv
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import threading
@@ -21,6 +23,7 @@ from netns import (
     AGENT4,
     AGENT_NET4,
     AGENT_NET6,
+    DNS4,
     ROUTER_IN4,
     SERVER4,
     Servers,
@@ -31,7 +34,7 @@ from test_firewall_netns import container_spec, dnsmasq, router, topo  # noqa: F
 
 from resolver.fence import firewall as fw
 from resolver.fence.connrec import ConnRecorder
-from resolver.fence.ipsets import SetFeeder
+from resolver.fence.ipsets import SetFeeder, open_socket
 from resolver.policy.config import load_config
 
 pytestmark = pytest.mark.netns
@@ -97,6 +100,7 @@ def http(topo: Topology) -> list[str]:  # noqa: F811
 def echo(topo: Topology, request: pytest.FixtureRequest) -> Servers:  # noqa: F811
     srv = Servers(topo)
     srv.tcp(topo.internet, S0, 443)
+    srv.udp(topo.internet, S0, 443)
     srv.start()
     request.addfinalizer(srv.stop)
     return srv
@@ -111,7 +115,7 @@ def serve(topo: Topology, dnsmasq: str, tmp_path_factory: pytest.TempPathFactory
     policy.write_text(
         f'mode = "enforce"\n[server]\nlisten = ["{ROUTER_IN4}:53", "127.0.0.1:{USER_PORT}"]\n'
         f'clients = ["{AGENT_NET4}", "127.0.0.0/8"]\n[upstream]\nservers = ["{dnsmasq}:53"]\n'
-        '[allow]\ndomains = ["allowed.test"]\n'
+        '[allow]\ndomains = ["allowed.test"]\ncidrs = ["203.0.113.53/32"]\n'
         f'[log]\ndatabase = "{db}"\n'
         '[firewall]\nenabled = true\nmin_ttl = 60\nconnection_refresh_s = 1\n'
         f'[[clients]]\nname = "agent"\nsources = ["{AGENT_NET4}"]\n')
@@ -315,6 +319,41 @@ def test_overflow_is_counted_when_the_recorder_cannot_follow(topo, router, echo,
             50, None, "allowed")
 
 
+def _checksum(data: bytes) -> int:
+    total = sum(struct.unpack(f">{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    return ~(total + (total >> 16)) & 0xFFFF
+
+
+def test_udp_and_icmp_flows_are_recorded(topo, router, echo, serve) -> None:  # noqa: F811
+    apply_container(router, serve)
+    resolve(topo)
+    with topo.socket(topo.agent, socket.AF_INET, socket.SOCK_DGRAM) as s:  # QUIC-like: udp/443
+        s.settimeout(3)
+        s.connect((S0, 443))
+        sport = s.getsockname()[1]
+        for _ in range(3):
+            s.send(b"q" * 1000)
+            assert s.recv(2000) == b"q" * 1000
+    # UDP has no close: the row stays open (until conntrack's timeout) with refreshed counters
+    (row,) = wait_until(lambda: rows(serve, "source_port = ? AND protocol = 'udp' AND bytes_in >= 3000",
+                                     (sport,)), 10, what="the udp flow's counters")
+    assert (row["verdict"], row["name"], row["end_ts"], row["packets_out"]) == ("allowed", "allowed.test",
+                                                                                 None, 3)
+    assert_bytes(row, 3000, 3000)
+    # ICMP to an [allow] cidrs address: the rule is the cidrs entry, the "port" the ICMP type
+    echo_request = bytearray(struct.pack(">BBHHH", 8, 0, 0, 0x4447, 1) + b"dnsguard")
+    struct.pack_into(">H", echo_request, 2, _checksum(bytes(echo_request)))
+    with open_socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP, netns=topo.agent) as s:
+        s.settimeout(3)
+        s.sendto(bytes(echo_request), (DNS4, 0))
+        reply = s.recv(1024)
+        assert reply[20] == 0  # echo reply (after the IPv4 header)
+    (ping,) = wait_until(lambda: rows(serve, "destination = ? AND protocol = 'icmp'", (DNS4,)), 10,
+                         what="the icmp flow")
+    assert (ping["verdict"], ping["rule"], ping["name"], ping["port"]) == ("allowed", f"{DNS4}/32", None, 8)
+
+
 # ------------------------------------------------------------------ user mode
 
 USER_CLIENT = r"""
@@ -350,6 +389,7 @@ USER_PYTHON = "/usr/bin/python3"
 
 def test_user_mode_records_allowed_and_blocked(topo, router, http, serve) -> None:  # noqa: F811
     fw.apply(fw.FenceSpec("user", uid=NOBODY, user="nobody", listen=(("127.0.0.1", USER_PORT),)), router)
+    resolve(topo)  # the set is fresh for the user's own lookup too (see resolve)
     p = topo.run_as(topo.router, NOBODY, f"{USER_PYTHON} -c '{USER_CLIENT}' {S1}", timeout=30)
     assert p.returncode == 0, p
     sport = int(p.stdout.split()[0])
@@ -363,3 +403,28 @@ def test_user_mode_records_allowed_and_blocked(topo, router, http, serve) -> Non
     blocked = wait_until(lambda: rows(serve, "destination = ? AND source = ? AND verdict = 'blocked'",
                                       (S1, ROUTER_OUT4)), 5, what="user-mode blocked row")
     assert blocked[0]["name"] is None
+
+
+# ------------------------------------------------------------------ the report over what was recorded
+
+def test_report_connections_reads_the_recorded_rows(topo, router, http, serve) -> None:  # noqa: F811
+    apply_container(router, serve)
+    resolve(topo)
+    with topo.socket(topo.agent) as s:
+        s.settimeout(5)
+        s.connect((S0, 80))
+        sport = s.getsockname()[1]
+        http_exchange(s, 300_000, 1_000)
+    wait_until(lambda: rows(serve, "source_port = ? AND end_ts IS NOT NULL", (sport,)), 10,
+               what="the connection's row to be completed")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-m", "resolver", "report", "connections", "--db", str(_db(serve)),
+                          "--name", "allowed.test", "--format", "json"], capture_output=True, text=True,
+                         env=env, cwd=REPO, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["schema"] == "dnsguard-report-connections/1"
+    assert data["connections"] and all(c["name"] == "allowed.test" for c in data["connections"])
+    assert any(c["bytes_out"] and c["bytes_out"] >= 300_000 for c in data["connections"])
+
+
