@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import threading
+from contextlib import ExitStack
 from pathlib import Path
 
 import dns.message
@@ -297,13 +298,20 @@ def test_burst_of_short_connections_is_fully_accounted_for(topo, router, echo, s
 
 
 def test_overflow_is_counted_when_the_recorder_cannot_follow(topo, router, echo, tmp_path) -> None:  # noqa: F811
-    """A recorder allowed to follow only 50 flows counts every other one as dropped."""
+    """A recorder allowed to follow only 50 open flows counts the others as dropped."""
     fw.apply(container_spec(allow_cidrs=(ipaddress.ip_network(f"{S0}/32"),)), router)
-    topo.ns(topo.router, "conntrack", "-F", check=False)  # a clean table: only this burst
+    topo.ns(topo.router, "conntrack", "-F", check=False)  # a clean table: only these
     db = tmp_path / "small.db"
-    with ConnRecorder(str(db), netns=topo.router, refresh=1.0, max_open=50) as rec:
-        n = 300
-        _burst(topo, n)
+    n = 120
+    with ConnRecorder(str(db), netns=topo.router, refresh=1.0, max_open=50) as rec, ExitStack() as held:
+        for _ in range(n):  # all open at once: 50 followed, 70 not
+            s = held.enter_context(topo.socket(topo.agent))
+            s.settimeout(5)
+            s.connect((S0, 443))
+            s.sendall(b"x")
+            assert s.recv(1) == b"x"
+        wait_until(lambda: rec.dropped == n - 50, 10, what="70 connections counted as dropped")
+        held.close()
 
         def accounted() -> tuple | None:
             with sqlite3.connect(db) as conn:

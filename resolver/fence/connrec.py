@@ -48,6 +48,7 @@ from resolver.fence.conntrack import (
     GROUP_UPDATE,
     MARK_ALLOWED,
     MARK_AUDIT,
+    MARK_DONE,
     MARK_MASK,
     PROTOCOLS,
     CtEntry,
@@ -62,6 +63,7 @@ __all__ = ["ConnRecorder", "Describe", "policy_describer"]
 DEFAULT_REFRESH = 30.0
 DEFAULT_MAX_OPEN = 262_144
 DECLINED_MAX = 262_144  # past this many, a dropped flow may be counted again
+FINISHED_MAX = 131_072
 CLOSE_DELAY = 0.2
 FLUSH_INTERVAL = 0.25
 FLUSH_ROWS = 2000
@@ -78,6 +80,7 @@ _UPDATE = ("UPDATE connections SET end_ts = ?, packets_out = ?, bytes_out = ?, p
 
 @dataclass(slots=True)
 class _Flow:
+    key: tuple
     rowid: int | None
     ts: float
     family: int
@@ -131,7 +134,8 @@ class ConnRecorder:
     def __init__(self, database: str, *, netns: str | None = None,
                  name_of: Callable[[str], object] | None = None, describe: Describe | None = None,
                  refresh: float = DEFAULT_REFRESH, max_open: int = DEFAULT_MAX_OPEN,
-                 close_delay: float = CLOSE_DELAY, rcvbuf: int = 1 << 22) -> None:
+                 close_delay: float = CLOSE_DELAY, rcvbuf: int = 1 << 22,
+                 control: tuple[int, Callable[[], bool]] | None = None) -> None:
         if refresh <= 0 or refresh > 60:
             raise ValueError("conntrack refresh interval must be in (0, 60] seconds")
         self.database = database
@@ -142,6 +146,10 @@ class ConnRecorder:
         self.max_open = max_open
         self.close_delay = close_delay
         self.rcvbuf = rcvbuf
+        # (fd, handler): another input read in the same loop, before each batch of events, so
+        # a name sent just before a connection opens is known when its NEW event is read.
+        # The handler returns False at end of input: the recorder then stops.
+        self.control = control
         self.inserted = 0  # rows written
         self.dropped = 0  # flows not recorded (over max_open, or the write failed)
         self.overruns = 0  # kernel event buffer overruns (answered with a dump)
@@ -151,6 +159,10 @@ class ConnRecorder:
         # Flows counted as dropped, so a later event or dump does not count them again (nor
         # record them half-way through): forgotten when their entry leaves the table.
         self._declined: dict[tuple, None] = {}
+        # Flows whose row is complete: events queued before the done-mark reached the kernel
+        # still carry the old mark, and must not start a second row. FIFO-bounded: the done
+        # mark hides them from everything after that lag.
+        self._finished: dict[tuple, None] = {}
         self._dirty: dict[int, _Flow] = {}  # id(flow) -> flow
         self._closing: list[_Flow] = []
         self._resync = False
@@ -223,6 +235,8 @@ class ConnRecorder:
         sel = selectors.DefaultSelector()
         sel.register(self._events.sock, selectors.EVENT_READ)
         sel.register(self._wake_r, selectors.EVENT_READ)
+        if self.control is not None:
+            sel.register(self.control[0], selectors.EVENT_READ)
         try:
             self._adopt(db)
             next_refresh = time.monotonic() + self.refresh
@@ -258,6 +272,8 @@ class ConnRecorder:
 
     def _read_events(self) -> None:
         assert self._events is not None
+        if self.control is not None and not self.control[1]():
+            self._stopping = True
         sock = self._events.sock
         for _ in range(256):  # then give the timers a turn
             try:
@@ -279,6 +295,7 @@ class ConnRecorder:
         flow = self._flows.get(key)
         if e.kind == "destroy":
             self._declined.pop(key, None)
+            self._finished.pop(key, None)
             if flow is not None:
                 del self._flows[key]
                 if flow.end_ts is None:
@@ -293,15 +310,20 @@ class ConnRecorder:
             if flow is None:
                 return
         if e.tcp_state in CLOSING_STATES and flow.end_ts is None:
-            flow.end_ts = now
-            flow.get_due = time.monotonic() + self.close_delay
-            self._closing.append(flow)
+            self._close(flow, now)
+
+    def _close(self, flow: _Flow, now: float) -> None:
+        """A TCP flow closed (FIN both ways, or RST): its row completes after one more read."""
+        flow.end_ts = now
+        flow.get_due = time.monotonic() + self.close_delay
+        self._closing.append(flow)
 
     def _follow(self, e: CtEntry, now: float) -> _Flow | None:
         verdict = _verdict(e.mark)
         if verdict is None:
             return None
-        if e.key in self._declined:
+        e.resolve()
+        if e.key in self._declined or e.key in self._finished:
             return None
         if len(self._flows) >= self.max_open:
             self.dropped += 1
@@ -316,8 +338,8 @@ class ConnRecorder:
             except Exception as exc:  # noqa: BLE001 - a policy problem must not lose the row
                 self.last_error = f"describe: {exc}"
         ts = e.start_ns / 1e9 if e.start_ns else now
-        flow = _Flow(None, ts, e.family, e.proto, e.src, e.dst, e.sport, e.dport, verdict, name, client,
-                     rule, e.raw_orig)
+        flow = _Flow(e.key, None, ts, e.family, e.proto, e.src, e.dst, e.sport, e.dport, verdict, name,
+                     client, rule, e.raw_orig)
         if e.bytes_out is not None:
             flow.counters = _counters(e)
         self._flows[e.key] = flow
@@ -325,19 +347,25 @@ class ConnRecorder:
         return flow
 
     def _finish_closing(self, now: float) -> None:
+        """Complete the rows of closed TCP flows: read their counters, then mark them done so
+        conntrack stops showing them to us (dumps filter on the mark; their events carry it)."""
         assert self._query is not None
         due = [f for f in self._closing if f.get_due is not None and f.get_due <= now]
         self._closing = [f for f in self._closing if f.get_due is not None and f.get_due > now]
         for i in range(0, len(due), 500):
             chunk = due[i:i + 500]
+            finished = self._finished
             for f in chunk:
                 f.get_due = None
-                self._dirty[id(f)] = f  # end_ts, even if the entry is gone (DESTROY brings counters)
-            fresh = self._query.get_many([CtEntry("update", None, f.family, f.proto, f.src, f.dst, f.sport,
-                                                  f.dport, None, raw_orig=f.raw_orig) for f in chunk])
-            by_tuple = {(e.proto, e.src, e.dst, e.sport, e.dport): e for e in fresh}
+                self._dirty[id(f)] = f  # end_ts, even if the entry is gone (DESTROY brought counters)
+                if self._flows.pop(f.key, None) is not None:
+                    finished[f.key] = None
+            while len(finished) > FINISHED_MAX:
+                del finished[next(iter(finished))]
+            fresh = self._query.finish_many([(f.family, f.raw_orig) for f in chunk], MARK_DONE, MARK_MASK)
+            by_tuple = {e.raw_orig: e for e in fresh}
             for f in chunk:
-                e = by_tuple.get((f.proto, f.src, f.dst, f.sport, f.dport))
+                e = by_tuple.get(f.raw_orig)
                 if e is not None and e.bytes_out is not None:
                     f.counters = _counters(e)
 
@@ -354,15 +382,11 @@ class ConnRecorder:
                     flow = self._follow(e, now)
                     if flow is None:
                         continue
-                    if e.tcp_state in CLOSING_STATES:
-                        flow.end_ts = now
-                    continue
                 if e.bytes_out is not None and flow.counters != _counters(e):
                     flow.counters = _counters(e)
                     self._dirty[id(flow)] = flow
                 if e.tcp_state in CLOSING_STATES and flow.end_ts is None:
-                    flow.end_ts = now
-                    self._dirty[id(flow)] = flow
+                    self._close(flow, now)
         self.dumps += 1
         for key in [k for k in self._declined if k not in seen]:
             del self._declined[key]

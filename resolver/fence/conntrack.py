@@ -28,6 +28,7 @@ from resolver.fence.netlink import (
 __all__ = [
     "MARK_ALLOWED",
     "MARK_AUDIT",
+    "MARK_DONE",
     "MARK_MASK",
     "CLOSING_STATES",
     "GROUP_DESTROY",
@@ -53,6 +54,7 @@ NETLINK_ADD_MEMBERSHIP = 1
 
 CTA_TUPLE_ORIG = 1
 CTA_TUPLE_REPLY = 2
+CTA_STATUS = 3
 CTA_PROTOINFO = 4
 CTA_MARK = 8
 CTA_COUNTERS_ORIG = 9
@@ -81,6 +83,9 @@ CLOSING_STATES = frozenset({TCP_TIME_WAIT, TCP_CLOSE})
 MARK_MASK = 0x00300000
 MARK_ALLOWED = 0x00100000
 MARK_AUDIT = 0x00200000
+# Set by the recorder on a connection whose row is complete (closed, final counters): its
+# remaining events and the refresh dumps pass it by for the minutes it spends in TIME_WAIT.
+MARK_DONE = 0x00300000
 
 PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 136: "udplite", 33: "dccp"}
 
@@ -114,8 +119,19 @@ class CtEntry:
 
     @property
     def key(self) -> tuple:
-        """Identity of the flow: the kernel's id plus the original tuple (ids can be reused)."""
-        return (self.id, self.proto, self.src, self.dst, self.sport, self.dport)
+        """Identity of the flow: the kernel's id plus the original tuple (ids can be reused).
+
+        The tuple's wire bytes, not its text: most events only need to be recognised, and
+        turning addresses into text is most of a message's parsing cost.
+        """
+        return (self.id, self.raw_orig)
+
+    def resolve(self) -> CtEntry:
+        """Fill in proto, addresses and ports from the raw tuple (once); returns self."""
+        if not self.src and len(self.raw_orig) > 4:
+            self.src, self.dst, self.proto, self.sport, self.dport = _tuple(
+                self.raw_orig, 4, len(self.raw_orig), self.family)
+        return self
 
 
 def _attrs(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
@@ -181,14 +197,24 @@ def parse_message(buf: bytes, pos: int, end: int, mtype: int, flags: int) -> CtE
         return None
     family = buf[pos + 16]
     entry = CtEntry(kind, None, family, 0, "", "", None, None, None)
-    for t, s, e in _attrs(buf, pos + 20, end):
+    # The top level inline (no generator): it runs for every event in the namespace.
+    apos = pos + 20
+    unpack = _NLA.unpack_from
+    while apos + 4 <= end:
+        alen, t = unpack(buf, apos)
+        if alen < 4 or apos + alen > end:
+            break
+        t &= NLA_TYPE_MASK
+        s, e = apos + 4, apos + alen
+        apos += (alen + 3) & ~3
         if t == CTA_TUPLE_ORIG:
-            entry.src, entry.dst, entry.proto, entry.sport, entry.dport = _tuple(buf, s, e, family)
             entry.raw_orig = buf[s - 4:e]
         elif t == CTA_MARK:
             entry.mark = _BE32.unpack_from(buf, s)[0]
         elif t == CTA_ID:
             entry.id = _BE32.unpack_from(buf, s)[0]
+        elif t == CTA_TUPLE_REPLY or t == CTA_STATUS:
+            continue
         elif t == CTA_COUNTERS_ORIG:
             entry.packets_out, entry.bytes_out = _counters(buf, s, e)
         elif t == CTA_COUNTERS_REPLY:
@@ -203,7 +229,7 @@ def parse_message(buf: bytes, pos: int, end: int, mtype: int, flags: int) -> CtE
             for tt, ts, _te in _attrs(buf, s, e):
                 if tt == CTA_TIMESTAMP_START:
                     entry.start_ns = _BE64.unpack_from(buf, ts)[0]
-    if not entry.src:
+    if not entry.raw_orig:
         return None
     return entry
 
@@ -289,37 +315,47 @@ class CtSocket:
                             raise OSError(item, f"conntrack dump: {os.strerror(item)}")
                         return out
                     item.kind = "update"
-                    out.append(item)
+                    out.append(item.resolve())
         finally:
             self.sock.settimeout(None)
 
-    def get_many(self, entries: list[CtEntry], timeout: float = 2.0) -> list[CtEntry]:
-        """The current state (with counters) of each entry still in the table.
+    def finish_many(self, entries: list[tuple[int, bytes]], mark: int, mask: int,
+                    timeout: float = 2.0) -> list[CtEntry]:
+        """For each (family, CTA_TUPLE_ORIG attribute): read the entry (counters), then set its
+        mark bits under ``mask`` to ``mark``; returns the entries read.
 
-        One request per entry, all sent before reading; entries gone meanwhile answer ENOENT
-        and are left out.
+        All requests go out before any reply is read, each with NLM_F_ACK so every one is
+        answered exactly once (an entry gone meanwhile answers ENOENT and is left out). The
+        kernel keeps the other mark bits: new = (old & ~mask) ^ mark.
         """
         if not entries:
             return []
-        self.sock.settimeout(timeout)
+        mark_attrs = _attr(CTA_MARK, _BE32.pack(mark)) + _attr(CTA_MARK_MASK, _BE32.pack(mask))
         out: list[CtEntry] = []
         pending = 0
+        self.sock.settimeout(timeout)
         try:
-            for entry in entries:
-                body = entry.raw_orig
-                self.sock.send(_request(MSG_GET, NLM_F_REQUEST | NLM_F_ACK, self._next_seq(),
-                                        entry.family, body))
-                pending += 1
+            for family, tuple_attr in entries:
+                self.sock.send(_request(MSG_GET, NLM_F_REQUEST | NLM_F_ACK, self._next_seq(), family,
+                                        tuple_attr)
+                               + _request(MSG_NEW, NLM_F_REQUEST | NLM_F_ACK, self._next_seq(), family,
+                                          tuple_attr + mark_attrs))
+                pending += 2
             while pending > 0:
                 buf = self.sock.recv(1 << 20)
-                for item in parse_messages(buf):
-                    if isinstance(item, int):
-                        pending -= 1  # ENOENT: gone already
+                pos = 0
+                while pos + 16 <= len(buf):
+                    length, mtype, flags, _seq, _pid = _NLMSGHDR.unpack_from(buf, pos)
+                    if length < 16:
+                        break
+                    if mtype == NLMSG_ERROR:
+                        pending -= 1  # an ACK (0) or a failure: either way, that request is done
                     else:
-                        item.kind = "update"
-                        out.append(item)
-                        pending -= 1
-                # a successful GET answers with the entry and then an ACK (error 0, not yielded)
+                        entry = parse_message(buf, pos, min(pos + length, len(buf)), mtype, flags)
+                        if entry is not None:
+                            entry.kind = "update"
+                            out.append(entry)
+                    pos += (length + 3) & ~3
         except TimeoutError:
             pass
         finally:

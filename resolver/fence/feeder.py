@@ -12,6 +12,7 @@ name instead of one per answer.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -35,7 +36,7 @@ class Fence:
                  connections: Any = None) -> None:
         self.feeder = feeder
         self.recorder = recorder
-        self.connections = connections  # the conntrack ConnRecorder, if running
+        self.connections = connections  # the conntrack recorder's process, if running
         self.refresh = refresh
 
     def feed(self, entry: Fed, qname: bytes, now: float) -> None:
@@ -43,8 +44,11 @@ class Fence:
             return
         entry.fed_at = now
         age = int(now - entry.stored)
-        # The wire name goes as is: the NFLOG recorder turns it into text off the hot path.
-        self.feeder.feed([(ip, ttl - age) for ip, ttl in entry.addrs], qname)
+        addrs = [(ip, ttl - age) for ip, ttl in entry.addrs]
+        # The wire name goes as is: the recorders turn it into text off the hot path.
+        self.feeder.feed(addrs, qname)
+        if self.connections is not None:  # before the answer leaves, like the set entries
+            self.connections.note(addrs, qname)
 
     def close(self) -> None:
         if self.connections is not None:
@@ -56,24 +60,26 @@ class Fence:
 
 def make_feeder(config: Config, querylog: Any = None, config_of: Callable[[], Config] | None = None) -> Fence:
     """Open the sets (creating them if `firewall apply` has not run yet), the NFLOG reader
-    (blocked attempts) and the conntrack recorder (every flow let through).
+    (blocked attempts, a thread) and the conntrack recorder (every flow let through, a
+    process of its own: resolver.fence.connproc).
 
-    `config_of` returns the running policy (it changes on reload); client and rule of a
-    recorded connection come from it.
+    `config_of` returns the running policy (it changes on reload); the client of a blocked
+    attempt comes from it. The recorder process reads the policy file itself.
     """
     fw = config.firewall
     feeder = SetFeeder(fw.min_ttl, fw.max_ttl)
     feeder.ensure_sets()
     recorder = connections = None
     if config.log.enabled:
-        from resolver.fence.connrec import ConnRecorder, policy_describer
+        from resolver.fence.connproc import ConnRecorderProcess
+        from resolver.fence.connrec import policy_describer
         from resolver.fence.nflog import NflogError, NflogRecorder
 
         current = config_of or (lambda: config)
         describe = policy_describer(current)
         if fw.record_connections:
-            connections = ConnRecorder(config.log.database, name_of=feeder.names.get, describe=describe,
-                                       refresh=fw.connection_refresh)
+            policy_path = config.path if config.path and os.path.exists(config.path) else None
+            connections = ConnRecorderProcess(config.log.database, policy_path, fw.connection_refresh)
             try:
                 connections.start()
             except OSError as exc:
