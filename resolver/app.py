@@ -147,6 +147,7 @@ class App:
                         await watcher
                 if self.feeder is not None:
                     self.feeder.close()
+                self.resolver.upstream.close()
             finally:
                 if self.querylog is not None:
                     # Drain off the loop thread: the writer may need a moment to commit.
@@ -156,7 +157,7 @@ class App:
 
 
 def raise_fd_limit() -> None:
-    """Every upstream query holds a socket: take all the file descriptors we are allowed."""
+    """TCP clients and upstream sockets hold descriptors: take all the file descriptors we are allowed."""
     try:
         import resource
 
