@@ -22,11 +22,13 @@ import dns.message
 import pytest
 from netns import (
     AGENT4,
+    AGENT6,
     AGENT_NET4,
     AGENT_NET6,
     DNS4,
     ROUTER_IN4,
     SERVER4,
+    SERVER6,
     Servers,
     Topology,
     wait_until,
@@ -102,6 +104,7 @@ def echo(topo: Topology, request: pytest.FixtureRequest) -> Servers:  # noqa: F8
     srv = Servers(topo)
     srv.tcp(topo.internet, S0, 443)
     srv.udp(topo.internet, S0, 443)
+    srv.tcp(topo.internet, SERVER6[0], 443)
     srv.start()
     request.addfinalizer(srv.stop)
     return srv
@@ -325,6 +328,33 @@ def test_overflow_is_counted_when_the_recorder_cannot_follow(topo, router, echo,
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT count(*), min(rule), min(verdict) FROM connections").fetchone() == (
             50, None, "allowed")
+
+
+def test_ipv6_connection_is_recorded_with_its_name(topo, router, echo, serve) -> None:  # noqa: F811
+    apply_container(router, serve)
+    q = dns.message.make_query("allowed.test", "AAAA")
+    with SetFeeder(netns=topo.router) as probe:
+        def fed() -> bool:
+            with topo.socket(topo.agent, socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(3)
+                s.sendto(q.to_wire(), (ROUTER_IN4, 53))
+                dns.message.from_wire(s.recv(4096))
+            return SERVER6[0] in probe.members("dnsguard6")
+
+        wait_until(fed, 10, interval=0.1, what="the AAAA answer in the set")
+    with topo.socket(topo.agent, socket.AF_INET6) as s:
+        s.settimeout(5)
+        s.connect((SERVER6[0], 443))
+        sport = s.getsockname()[1]
+        s.sendall(b"v6" * 1000)
+        got = b""
+        while len(got) < 2000:
+            got += s.recv(4096)
+    (row,) = wait_until(lambda: rows(serve, "source_port = ? AND destination = ? AND end_ts IS NOT NULL",
+                                     (sport, SERVER6[0])), 10, what="the IPv6 connection's row")
+    assert (row["source"], row["verdict"], row["name"], row["rule"], row["client"]) == (
+        AGENT6, "allowed", "allowed.test", "allowed.test", None)  # [[clients]] lists only the v4 net
+    assert_bytes(row, 2000, 2000)
 
 
 def _checksum(data: bytes) -> int:
