@@ -1,14 +1,17 @@
 """Record every connection the fence let through, from conntrack, as one ``connections`` row.
 
 The fence's rules connmark what they let through (``MARK_ALLOWED``; ``MARK_AUDIT`` for what
-``--audit`` would have blocked). `ConnRecorder` follows those conntrack entries in a thread of
-its own -- never on the event loop -- and keeps one row per entry:
+``--audit`` would have blocked). `ConnRecorder` follows those conntrack entries in a thread
+(``serve`` runs it in a process of its own: ``resolver.fence.connproc``) and keeps one row per
+entry:
 
 * a NEW event inserts the row (``end_ts`` NULL: open);
-* a TCP state change to TIME_WAIT or CLOSE (FIN from both sides, or RST) sets ``end_ts``
-  at once, and a GET for that entry a moment later (``close_delay``, so the last ACK is
-  counted) brings its counters up to date: the row is complete long before the kernel
-  destroys the entry (after TIME_WAIT, two minutes later);
+* a TCP state change to TIME_WAIT or CLOSE (FIN from both sides, or RST) closes it: a GET
+  for that entry a moment later (``close_delay``, so the last ACK is counted) reads its
+  counters, and ``end_ts`` and those counters are written together -- long before the
+  kernel destroys the entry (after TIME_WAIT, two minutes later). The same request sets
+  the entry's mark to ``MARK_DONE``, so the dumps and the entry's remaining events pass it
+  by, and the recorder forgets it;
 * a DESTROY event writes the final counters (UDP and ICMP flows end only by timeout);
 * every ``refresh`` seconds a dump of the marked entries (filtered by mark in the kernel)
   refreshes the counters of long-lived connections, adopts entries whose NEW event was
@@ -18,8 +21,8 @@ Blocked attempts never become conntrack entries (the first packet is rejected be
 entry is confirmed); `NflogRecorder` records those. Under ``--audit`` it leaves the
 would-block rows to this recorder, which sees their bytes.
 
-Bounded: at most ``max_open`` flows are followed at once (a closed TCP flow is followed
-until its entry leaves the table, ~2 minutes); the kernel socket buffer is the queue. A
+Bounded: at most ``max_open`` open flows are followed at once; the kernel socket buffer is
+the queue. A
 flow that cannot be followed or a row that cannot be written is counted in ``dropped``;
 an event-buffer overrun (``ENOBUFS``) in ``overruns``, and answered with an immediate
 dump, which recovers every flow still in the table. Both are written to
