@@ -445,7 +445,13 @@ class ConnRecorder:
                 if attempt < 2:
                     time.sleep(0.1 * (attempt + 1))
                     continue
-                self.dropped += sum(1 for f in flows if f.rowid is None)
+                # Rows never written are counted once and their flows let go: a later update
+                # must not insert them after all (they would be counted and recorded).
+                for f in flows:
+                    if f.rowid is None:
+                        self.dropped += 1
+                        if self._flows.pop(f.key, None) is not None and len(self._declined) < DECLINED_MAX:
+                            self._declined[f.key] = None
                 return
             for f, rowid in new:
                 f.rowid = rowid
