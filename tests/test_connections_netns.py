@@ -37,6 +37,7 @@ from test_firewall_netns import container_spec, dnsmasq, router, topo  # noqa: F
 
 from resolver.fence import firewall as fw
 from resolver.fence.connrec import ConnRecorder
+from resolver.fence.conntrack import enable_accounting
 from resolver.fence.ipsets import SetFeeder, open_socket
 from resolver.policy.config import load_config
 
@@ -355,6 +356,44 @@ def test_ipv6_connection_is_recorded_with_its_name(topo, router, echo, serve) ->
     assert (row["source"], row["verdict"], row["name"], row["rule"], row["client"]) == (
         AGENT6, "allowed", "allowed.test", "allowed.test", None)  # [[clients]] lists only the v4 net
     assert_bytes(row, 2000, 2000)
+
+
+def test_a_restarted_recorder_adopts_the_open_rows(topo, router, echo, tmp_path) -> None:  # noqa: F811
+    """Stop the recorder while a connection is open and start another on the same log: the
+    connection keeps its one row (no second row), which is completed when it closes; a row
+    left open for a connection that ended meanwhile is closed."""
+    fw.apply(container_spec(allow_cidrs=(ipaddress.ip_network(f"{S0}/32"),)), router)
+    enable_accounting(topo.router)  # counters exist only for connections opened after this
+    db = tmp_path / "restart.db"
+
+    def row_of(sport: int) -> list[tuple]:
+        with sqlite3.connect(db) as conn:
+            return conn.execute("SELECT id, end_ts, bytes_out FROM connections WHERE source_port = ?",
+                                (sport,)).fetchall()
+
+    with topo.socket(topo.agent) as held, topo.socket(topo.agent) as gone:
+        for s in (held, gone):
+            s.settimeout(5)
+            s.connect((S0, 443))
+            s.sendall(b"x")
+            assert s.recv(1) == b"x"
+        sport, gone_port = held.getsockname()[1], gone.getsockname()[1]
+        with ConnRecorder(str(db), netns=topo.router, refresh=1.0):
+            (first,) = wait_until(lambda: row_of(sport), 10, what="the open row")
+            wait_until(lambda: row_of(gone_port), 10, what="the other open row")
+        assert first[1] is None
+        gone.close()  # ends while no recorder runs
+        with ConnRecorder(str(db), netns=topo.router, refresh=1.0):
+            wait_until(lambda: row_of(gone_port)[0][1] is not None, 10, what="the ended one closed")
+            held.sendall(b"y" * 5000)
+            got = b""
+            while len(got) < 5000:
+                got += held.recv(8192)
+            held.close()
+            (last,) = wait_until(lambda: [r for r in row_of(sport) if r[1] is not None], 10,
+                                 what="the adopted row completed on close")
+    assert last[0] == first[0] and last[2] >= 5001
+    assert len(row_of(sport)) == 1
 
 
 def _checksum(data: bytes) -> int:
