@@ -178,7 +178,12 @@ class ConnRecorder:
 
     # -- lifecycle
     def start(self) -> None:
-        enable_accounting(self.netns)
+        try:
+            enable_accounting(self.netns)
+        except OSError as exc:  # rows still come; only their byte counts may be missing
+            self.last_error = f"conntrack accounting: {exc}"
+            print(f"dnsguard: cannot turn on conntrack accounting (net.netfilter.nf_conntrack_acct), "
+                  f"connections may be recorded without byte counts: {exc}", file=sys.stderr, flush=True)
         events = CtSocket((GROUP_NEW, GROUP_UPDATE, GROUP_DESTROY), netns=self.netns, rcvbuf=self.rcvbuf)
         try:
             query = CtSocket(netns=self.netns, rcvbuf=1 << 22)
