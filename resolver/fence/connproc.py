@@ -175,7 +175,8 @@ class _Control:
 
 
 def main(argv: list[str]) -> int:
-    from resolver.fence.connrec import ConnRecorder, policy_describer
+    from resolver.fence.connrec import ConnRecorder
+    from resolver.fence.describe import policy_describer
 
     database, policy_path, refresh = argv[0], argv[1] or None, float(argv[2])
     os.set_blocking(0, False)

@@ -32,7 +32,6 @@ dump, which recovers every flow still in the table. Both are written to
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import selectors
 import socket
@@ -59,9 +58,10 @@ from resolver.fence.conntrack import (
     enable_accounting,
     parse_messages,
 )
+from resolver.fence.describe import Describe
 from resolver.fence.nflog import lookup_name
 
-__all__ = ["ConnRecorder", "Describe", "policy_describer"]
+__all__ = ["ConnRecorder"]
 
 DEFAULT_REFRESH = 30.0
 DEFAULT_MAX_OPEN = 262_144
@@ -70,9 +70,6 @@ FINISHED_MAX = 131_072
 CLOSE_DELAY = 0.2
 FLUSH_INTERVAL = 0.25
 FLUSH_ROWS = 2000
-
-# (source, destination, name, allowed) -> (client, rule)
-Describe = Callable[[str, str, "str | None", bool], "tuple[str | None, str | None]"]
 
 _INSERT = ("INSERT INTO connections (ts, source, destination, protocol, port, verdict, name, end_ts, "
            "source_port, packets_out, bytes_out, packets_in, bytes_in, client, rule) "
@@ -463,40 +460,3 @@ class ConnRecorder:
             self.inserted += len(new)
             self._saved_overflow = overflow
             return
-
-
-def policy_describer(config_of: Callable[[], object]) -> Describe:
-    """(client, rule) for a flow from the running policy (``config_of()`` -> Config).
-
-    client: the first ``[[clients]]`` entry whose sources hold the source address. rule: for
-    an allowed flow, the ``[allow] cidrs`` entry holding the destination (the fence checks
-    those first), else the allow rule that matched the name (the client's own list if it
-    has one). A would-block flow has no rule.
-    """
-    from resolver.core.names import text_to_wire
-
-    def describe(src: str, dst: str, name: str | None, allowed: bool) -> tuple[str | None, str | None]:
-        cfg = config_of()
-        try:
-            s_ip = ipaddress.ip_address(src)
-            d_ip = ipaddress.ip_address(dst)
-        except ValueError:
-            return None, None
-        client = None
-        matcher = getattr(cfg, "matcher", None)
-        for c in getattr(cfg, "clients", ()):
-            if any(n.version == s_ip.version and s_ip in n for n in c.sources):
-                client, matcher = c.name, c.matcher
-                break
-        if not allowed:
-            return client, None
-        for net in getattr(cfg, "allow_cidrs", ()):
-            if net.version == d_ip.version and d_ip in net:
-                return client, str(net)
-        if name and matcher is not None:
-            decision = matcher.decide(text_to_wire(name))
-            if decision.allowed:
-                return client, decision.rule
-        return client, None
-
-    return describe

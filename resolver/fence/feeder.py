@@ -72,7 +72,7 @@ def make_feeder(config: Config, querylog: Any = None, config_of: Callable[[], Co
     recorder = connections = None
     if config.log.enabled:
         from resolver.fence.connproc import ConnRecorderProcess
-        from resolver.fence.connrec import policy_describer
+        from resolver.fence.describe import policy_describer
         from resolver.fence.nflog import NflogError, NflogRecorder
 
         current = config_of or (lambda: config)
