@@ -245,7 +245,7 @@ class App:
         if cfg.firewall.enabled:
             from resolver.fence.feeder import make_feeder
 
-            self.feeder = make_feeder(cfg, self.querylog)
+            self.feeder = make_feeder(cfg, self.querylog, config_of=lambda: self.config)
         submit = self.querylog.submit if self.querylog else None
         tap = None
         if cfg.dnstap.address is not None:

@@ -40,6 +40,10 @@ domains = ["a.example"]
 cidrs = ["203.0.113.0/24"]
 [firewall]
 ports = "any"
+connection_refresh_s = 1.5
+record_connections = false
+[report]
+upload_warn_mb = 2.5
 """)
     assert cfg.mode == "audit"
     assert cfg.server.listen == (("127.0.0.1", 5353), ("::1", 53))
@@ -48,6 +52,11 @@ ports = "any"
     assert cfg.upstream.timeout == 0.75
     assert str(cfg.allow_cidrs[0]) == "203.0.113.0/24"
     assert cfg.firewall.ports is None
+    assert (cfg.firewall.connection_refresh, cfg.firewall.record_connections) == (1.5, False)
+    assert cfg.report.upload_warn_mb == 2.5
+    defaults = parse_config("")
+    assert (defaults.firewall.connection_refresh, defaults.firewall.record_connections) == (30.0, True)
+    assert defaults.report.upload_warn_mb == 10.0
 
 
 def test_upstream_defaults_to_resolv_conf_without_itself(tmp_path, monkeypatch):
@@ -70,6 +79,10 @@ def test_upstream_defaults_to_resolv_conf_without_itself(tmp_path, monkeypatch):
     ('[upstream]\ntimeout_ms = "fast"\n', 2, "timeout_ms"),
     ('[allow]\ndomains = [\n"a.example",\n', 3, "invalid TOML"),
     ('[log]\nenabled = 1\n', 2, "log.enabled"),
+    ('[firewall]\nconnection_refresh_s = 61\n', 2, "at most 60"),
+    ('[firewall]\nconnection_refresh_s = 0\n', 2, "connection_refresh_s"),
+    ('[report]\nupload_warn_mb = -1\n', 2, "upload_warn_mb"),
+    ('[report]\nupload_warn = 5\n', 2, "report.upload_warn"),
     ('[[clients]]\nname = "x"\nsources = ["192.0.2.0/24"]\nallow = ["bad name"]\n', 4, "bad name"),
 ])
 def test_errors_name_file_line_and_entry(tmp_path, text, line, needle):

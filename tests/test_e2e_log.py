@@ -35,6 +35,8 @@ import dns.rdatatype
 import pytest
 from helpers import addresses, make_policy, tcp_exchange, wait_until
 
+from resolver.log import report as rpt
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Columns compared as a multiset (README: "Query the lookups view").
@@ -480,7 +482,7 @@ def test_report_reads_the_log_while_serve_writes(upstream, dnsguard):
             with lock:
                 sent_after = progress["sent"]
             t = data["totals"]
-            assert data["schema"] == "dnsguard-report-summary/1"
+            assert data["schema"] == rpt.SUMMARY_SCHEMA_ID
             assert t["lookups"] == t["allow"] + t["deny"] + t["undecided"]
             assert t["lookups"] == t["enforce"] + t["audit"]
             assert t["lookups"] == sum(x["count"] for x in t["by_verdict_mode"])

@@ -46,6 +46,7 @@ def test_container_ipv4_rules_exactly() -> None:
     assert tables["filter"] == [
         ":DNSGUARD - [0:0]",
         ":DNSGUARD-OUT - [0:0]",
+        ":DNSGUARD-ALLOW - [0:0]",
         ":DNSGUARD-REJECT - [0:0]",
         "-A DNSGUARD -s 192.0.2.0/24 -g DNSGUARD-OUT",
         "-A DNSGUARD-OUT -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
@@ -53,10 +54,12 @@ def test_container_ipv4_rules_exactly() -> None:
         "-A DNSGUARD-OUT -d 192.0.2.1 -p tcp -m tcp --dport 53 -j RETURN",
         "-A DNSGUARD-OUT -p udp -m multiport --dports 53,853 -g DNSGUARD-REJECT",
         "-A DNSGUARD-OUT -p tcp -m multiport --dports 53,853 -g DNSGUARD-REJECT",
-        "-A DNSGUARD-OUT -d 10.1.0.0/16 -j RETURN",
-        "-A DNSGUARD-OUT -p tcp -m multiport --dports 80,443 -m set --match-set dnsguard4 dst -j RETURN",
-        "-A DNSGUARD-OUT -p udp -m udp --dport 443 -m set --match-set dnsguard4 dst -j RETURN",
+        "-A DNSGUARD-OUT -d 10.1.0.0/16 -g DNSGUARD-ALLOW",
+        "-A DNSGUARD-OUT -p tcp -m multiport --dports 80,443 -m set --match-set dnsguard4 dst "
+        "-g DNSGUARD-ALLOW",
+        "-A DNSGUARD-OUT -p udp -m udp --dport 443 -m set --match-set dnsguard4 dst -g DNSGUARD-ALLOW",
         "-A DNSGUARD-OUT -g DNSGUARD-REJECT",
+        "-A DNSGUARD-ALLOW -j CONNMARK --set-xmark 0x100000/0x300000",
         "-A DNSGUARD-REJECT -m limit --limit 20/sec --limit-burst 100 -j NFLOG --nflog-prefix "
         "dnsguard:blocked --nflog-group 53 --nflog-size 128",
         "-A DNSGUARD-REJECT -p tcp -j REJECT --reject-with tcp-reset",
@@ -72,7 +75,7 @@ def test_container_ipv6_uses_v6_set_sources_cidrs_and_icmp6() -> None:
     text = "\n".join(lines)
     assert "-A DNSGUARD -s 2001:db8:a::/64 -g DNSGUARD-OUT" in lines
     assert "192.0.2" not in text and "10.1.0.0" not in text
-    assert "-A DNSGUARD-OUT -d fd00::/8 -j RETURN" in lines
+    assert "-A DNSGUARD-OUT -d fd00::/8 -g DNSGUARD-ALLOW" in lines
     assert "--match-set dnsguard6 dst" in text and "dnsguard4" not in text
     assert "-A DNSGUARD-REJECT -p udp -j REJECT --reject-with icmp6-port-unreachable" in lines
     assert "-A DNSGUARD-REJECT -j REJECT --reject-with icmp6-adm-prohibited" in lines
@@ -97,13 +100,15 @@ def test_docker_user_and_interfaces() -> None:
 def test_audit_logs_and_does_not_reject() -> None:
     lines = fw.fence_rules(container(audit=True), 4)["filter"]
     rej = [ln for ln in lines if ln.startswith("-A DNSGUARD-REJECT")]
-    assert len(rej) == 1 and "--nflog-prefix dnsguard:would-block" in rej[0]
+    # marked first (the conntrack recorder follows the flow it lets through), then logged
+    assert rej[0] == "-A DNSGUARD-REJECT -j CONNMARK --set-xmark 0x200000/0x300000"
+    assert len(rej) == 2 and "--nflog-prefix dnsguard:would-block" in rej[1]
     assert not any("REJECT --reject-with" in ln for ln in lines)
 
 
 def test_ports_any_and_many() -> None:
     lines = fw.fence_rules(container(ports=None), 4)["filter"]
-    assert "-A DNSGUARD-OUT -m set --match-set dnsguard4 dst -j RETURN" in lines
+    assert "-A DNSGUARD-OUT -m set --match-set dnsguard4 dst -g DNSGUARD-ALLOW" in lines
     many = tuple(("tcp", p) for p in range(8000, 8020)) + (("udp", 5000),)
     lines = fw.fence_rules(container(ports=many), 4)["filter"]
     sets = [ln for ln in lines if "--match-set" in ln]
@@ -382,8 +387,11 @@ def test_nflog_rows_from_messages() -> None:
     rec = NflogRecorder(":memory:", 53, name_of=names.get)
     buf = _nflog_msg("dnsguard:blocked", _v4(6, 1, 443)) + _nflog_msg("dnsguard:would-block", _v4(17, 1, 443))
     rows = rec._rows(buf)
-    assert [r[1:] for r in rows] == [
+    assert [r[1:7] for r in rows] == [
         ("192.0.2.2", "203.0.113.10", "tcp", 443, "blocked", "files.example.test"),
         ("192.0.2.2", "203.0.113.10", "udp", 443, "would-block", "files.example.test"),
     ]
+    assert all(r[7] is None and r[8] == r[0] for r in rows)  # no client; over when made
+    assert NflogRecorder(":memory:", skip_audit=True)._rows(buf)[0][5] == "blocked"
+    assert len(NflogRecorder(":memory:", skip_audit=True)._rows(buf)) == 1  # conntrack has those
     assert NflogRecorder(":memory:")._rows(_nflog_msg("x", _v4(6, 1, 80)))[0][6] is None

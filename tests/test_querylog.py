@@ -334,6 +334,28 @@ def test_schema_1_log_is_migrated_with_its_rollup(db_path: Path) -> None:
     assert_rollup_matches_rows(db_path)
 
 
+def test_schema_2_log_gets_the_connection_columns(db_path: Path) -> None:
+    """A log from before issue #12: its NFLOG rows keep their values, gain the new columns,
+    and count as over (end_ts = ts), not as connections still open."""
+    from sqlite_utils import Database
+
+    with closing(sqlite3.connect(db_path)) as conn:
+        for step in schema.MIGRATIONS[:2]:
+            step(Database(conn))
+        conn.execute("PRAGMA user_version = 2")
+        conn.execute("INSERT INTO connections (ts, source, destination, protocol, port, verdict, name) "
+                     "VALUES (100.5, '192.0.2.2', '203.0.113.9', 'tcp', 443, 'blocked', NULL)")
+        conn.commit()
+    log = QueryLog(str(db_path), retention_days=None)
+    log.start()
+    assert log.close()
+    with closing(sqlite3.connect(db_path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        row = conn.execute("SELECT ts, end_ts, verdict, bytes_out, client, rule FROM connections").fetchone()
+        assert row == (100.5, 100.5, "blocked", None, None, None)
+        assert conn.execute("SELECT count(*) FROM connection_overflow").fetchone() == (0,)
+
+
 def test_rows_written_without_the_rollup_are_counted_when_the_writer_reopens(db_path: Path) -> None:
     """An older dnsguard (schema 1 code) appending to this log writes rows but no rollup; the
     next writer to open the file counts them, so reports never miss them."""
@@ -395,7 +417,9 @@ def test_schema_has_integer_indexes_and_future_tables(db_path: Path) -> None:
         assert {"names", "clients", "rules", "rrtypes", "lookup_rows", "log_overflow",
                 "connections"} <= tables
         conn_cols = [r[1] for r in conn.execute("PRAGMA table_info(connections)")]
-        assert conn_cols == ["id", "ts", "source", "destination", "protocol", "port", "verdict", "name"]
+        assert conn_cols == ["id", "ts", "source", "destination", "protocol", "port", "verdict", "name",
+                             "end_ts", "source_port", "packets_out", "bytes_out", "packets_in", "bytes_in",
+                             "client", "rule"]
         indexed = {r[2] for idx in conn.execute("PRAGMA index_list(lookup_rows)")
                    for r in conn.execute(f"PRAGMA index_info({idx[1]})")}
         types = {r[1]: r[2] for r in conn.execute("PRAGMA table_info(lookup_rows)")}

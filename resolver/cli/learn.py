@@ -51,18 +51,26 @@ _db_option = click.option("--db", "db", metavar="PATH", envvar="DNSGUARD_DB", de
               help="distinct names under one parent needed before proposing *.parent")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="--diff output format")
+@click.option("--upload-warn-mb", type=click.FloatRange(min=0, min_open=True), metavar="MB",
+              help="--diff lists uploads above this to one name (default: the policy's [report] "
+                   "upload_warn_mb, else 10)")
 def learn(db: str, since: str | None, until: str | None, clients: tuple[str, ...], output: str,
-          merge_path: str | None, diff_path: str | None, collapse_threshold: int, fmt: str) -> None:
+          merge_path: str | None, diff_path: str | None, collapse_threshold: int, fmt: str,
+          upload_warn_mb: float | None) -> None:
     """Write a policy from what was looked up (run `serve --mode audit --db PATH` first).
 
     Every name upstream answered in the window becomes an allow entry with a comment:
-    lookups, query types, clients, first and last seen. Many names under one
+    lookups, query types, connections and bytes out (when `serve --firewall` recorded
+    them), clients, first and last seen. Many names under one
     registrable domain become one `*.domain` wildcard (never at or above a public
     suffix such as *.com, *.co.uk or *.github.io). Names that only got NXDOMAIN, and
     names shaped like data exfiltration (long, hex/base32/base64-looking or
     high-entropy labels, bursts of new names under one domain), are left out and
     listed in comments. Destinations the firewall would have blocked are listed as
     commented-out [allow] cidrs suggestions, never added.
+
+    --diff also lists resolved names nothing connected to, and names a client uploaded more
+    than --upload-warn-mb to.
 
     With --merge POLICY the entries are appended to that file's lists (its comments and
     order kept); lookups from a [[clients]] entry's sources go to that client's
@@ -87,7 +95,8 @@ def learn(db: str, since: str | None, until: str | None, clients: tuple[str, ...
         base_path = merge_path or diff_path
         base = load_config(base_path) if base_path else None
         window = lrn.read_log(db, since=t0, until=t1, clients=clients)
-        p = lrn.plan(window, policy=base, collapse_threshold=collapse_threshold)
+        p = lrn.plan(window, policy=base, collapse_threshold=collapse_threshold,
+                     upload_warn_mb=upload_warn_mb)
         if diff_path:
             if fmt == "json":
                 click.echo(json.dumps(_diff_json(p), indent=2))
@@ -115,6 +124,8 @@ def _diff_json(p: lrn.Plan) -> dict:
 
     return {
         "add": [{"section": section(s), "rule": e.rule, "names": list(e.names), "lookups": e.lookups,
+                 "connections": None if e.egress is None else e.egress.connections,
+                 "bytes_out": None if e.egress is None else e.egress.bytes_out,
                  "clients": list(e.clients), "qtypes": list(e.qtypes), "first_seen": history.iso(e.first),
                  "last_seen": history.iso(e.last)}
                 for s, es in p.sections.items() for e in es],
@@ -122,6 +133,11 @@ def _diff_json(p: lrn.Plan) -> dict:
         "left_out": [{"name": lo.name, "category": lo.category, "detail": lo.detail, "lookups": lo.lookups}
                      for lo in p.left_out],
         "suspicious": [f.as_dict() for f in p.findings],
+        # null when the log has no connection records
+        "never_connected": None if p.window.egress is None else lrn.never_connected(p),
+        "large_uploads": [{"name": n, "client": src, "connections": e.connections, "bytes_out": e.bytes_out}
+                          for n, src, e in lrn.large_uploads(p)],
+        "upload_warn_mb": p.upload_warn_mb,
     }
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from resolver.cli import report_conn
 from resolver.cli.common import DEFAULT_DB, run_command
 from resolver.log import report as rpt
 
@@ -228,6 +229,7 @@ def _summary_csv(data: dict) -> str:
         key = f"{r['destination']} {r['protocol']}/{r['port']}" + (f" {r['name']}" if r["name"] else "")
         rows.append(["blocked_connections", key, r["count"], "", "", "", "", " ".join(r["sources"]),
                      r["first_seen"], r["last_seen"]])
+    rows.extend(report_conn.egress_csv_rows(data))
     for r in data["suspicious"]:
         rows.append(["suspicious", r["domain"], r["lookups"], "", "", "", r["kind"], " ".join(r["names"]),
                      r["first_seen"], r["last_seen"]])
@@ -270,6 +272,7 @@ def _summary_table(data: dict, colour: bool) -> list[str]:
                  _clients_cell(r["sources"], len(r["sources"]))] for r in data["blocked_connections"]]
         lines += _table(["COUNT", "DESTINATION", "PORT", "NAME", "FIRST SEEN", "LAST SEEN", "SOURCES"], rows,
                         right={0}, colour=colour)
+    lines += report_conn.egress_lines(data, colour)
     if data["suspicious"]:
         lines += ["", _style("Suspicious names (exfiltration-shaped; `dnsguard learn` will not allow them)",
                              colour, bold=True)]
@@ -289,15 +292,23 @@ def _summary_table(data: dict, colour: bool) -> list[str]:
               help="rows in each top list")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="write the report to FILE instead of stdout (for --format html)")
+@click.option("--upload-warn-mb", type=click.FloatRange(min=0, min_open=True), metavar="MB",
+              help="flag a client that sent more than this to one name (default: the policy's "
+                   "[report] upload_warn_mb, else 10)")
+@click.option("--policy", "policy_path", metavar="PATH", type=click.Path(dir_okay=False),
+              help="read [report] settings from this policy")
 @click.pass_context
-def report(ctx: click.Context, top: int, fmt: str | None, output: str | None, **kw: Any) -> None:
+def report(ctx: click.Context, top: int, fmt: str | None, output: str | None, upload_warn_mb: float | None,
+           policy_path: str | None, **kw: Any) -> None:
     """Summarise the lookup log: what was asked, what was denied, what failed.
 
     Without a subcommand prints the summary for the window (default the last 24h):
     totals by verdict and mode, distinct names and clients, the top denied and
     allowed names with counts, first/last seen and the clients that asked, allowed
-    lookups that upstream answered SERVFAIL/NXDOMAIN, blocked connections, and at
-    the top how many lookups could not be logged (queue overflow), if any.
+    lookups that upstream answered SERVFAIL/NXDOMAIN, blocked connections, egress by
+    name (connections and bytes out/in per name and client, largest upload first, with a
+    LARGE UPLOAD warning above --upload-warn-mb), and at the top how many lookups or
+    connections could not be recorded (overflow), if any.
 
     The filters work with every view and may be given here or after the subcommand.
     The database is opened read-only, so reports are safe while `dnsguard serve` runs.
@@ -319,7 +330,9 @@ def report(ctx: click.Context, top: int, fmt: str | None, output: str | None, **
         now = time.time()
         since, until = _window(opts, DEFAULT_SINCE, now)
         db = _open(opts)
-        data = rpt.summary(db, since=since, until=until, filters=_filters(opts), top=top, now=now)
+        warn = report_conn.upload_warn_mb(policy_path, upload_warn_mb)
+        data = rpt.summary(db, since=since, until=until, filters=_filters(opts), top=top, now=now,
+                           upload_warn_mb=warn)
         if opts.fmt == "html":
             from resolver.log.report import html, series
 
@@ -498,3 +511,6 @@ def tail_cmd(ctx: click.Context, count: int, follow: bool, interval: float, fmt:
             return  # Ctrl-C is how -f ends: exit 0, no "Aborted!"
 
     _run(go)
+
+
+report.add_command(report_conn.connections_cmd)

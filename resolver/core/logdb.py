@@ -49,3 +49,45 @@ def open_readonly(path: str, required_table: str, error: type[Exception], *, mis
         conn.close()
         raise error(missing_table)
     return conn
+
+
+# ---------------------------------------------------------------- the connections table
+# Written by the fence's recorders (NFLOG: blocked attempts; conntrack: every flow it let
+# through, allowed or would-block), read by reports and learn. Issue #5 shipped the first
+# eight columns; `ensure_connections_table` adds the rest to an older table in place.
+CONNECTION_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("ts", "REAL"), ("source", "TEXT"), ("destination", "TEXT"), ("protocol", "TEXT"),
+    ("port", "INTEGER"), ("verdict", "TEXT"), ("name", "TEXT"),
+    ("end_ts", "REAL"), ("source_port", "INTEGER"), ("packets_out", "INTEGER"),
+    ("bytes_out", "INTEGER"), ("packets_in", "INTEGER"), ("bytes_in", "INTEGER"),
+    ("client", "TEXT"), ("rule", "TEXT"),
+)
+CONNECTION_OVERFLOW_SQL = (
+    "CREATE TABLE IF NOT EXISTS connection_overflow (ts REAL NOT NULL, dropped INTEGER NOT NULL, "
+    "overruns INTEGER NOT NULL)"
+)
+
+
+def ensure_connections_table(conn: sqlite3.Connection, commit: bool = True) -> None:
+    """Create ``connections`` (and ``connection_overflow``) or add missing columns.
+
+    Safe to call from any writer at any time: ADD COLUMN is idempotent here, and a column
+    another writer added meanwhile is skipped.
+    """
+    cols = ", ".join(f"{name} {kind}" for name, kind in CONNECTION_COLUMNS)
+    conn.execute(f"CREATE TABLE IF NOT EXISTS connections (id INTEGER PRIMARY KEY, {cols})")
+    have = {r[1] for r in conn.execute("PRAGMA table_info(connections)")}
+    for name, kind in CONNECTION_COLUMNS:
+        if name not in have:
+            try:
+                conn.execute(f"ALTER TABLE connections ADD COLUMN {name} {kind}")
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" not in str(exc):
+                    raise
+    conn.execute("CREATE INDEX IF NOT EXISTS ix_connections_ts ON connections (ts)")
+    # Open rows are found by the recorder on restart and by `report connections --open`.
+    conn.execute("CREATE INDEX IF NOT EXISTS ix_connections_open ON connections (end_ts) "
+                 "WHERE end_ts IS NULL")
+    conn.execute(CONNECTION_OVERFLOW_SQL)
+    if commit and conn.in_transaction:
+        conn.commit()

@@ -12,7 +12,9 @@ name instead of one per answer.
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from resolver.fence.ipsets import SetFeeder
@@ -30,9 +32,11 @@ class Fed(Protocol):
 
 
 class Fence:
-    def __init__(self, feeder: SetFeeder, recorder: Any = None, refresh: float = REFRESH_INTERVAL) -> None:
+    def __init__(self, feeder: SetFeeder, recorder: Any = None, refresh: float = REFRESH_INTERVAL,
+                 connections: Any = None) -> None:
         self.feeder = feeder
         self.recorder = recorder
+        self.connections = connections  # the conntrack recorder's process, if running
         self.refresh = refresh
         self.feeds = 0  # answers whose addresses went to the sets (metrics)
 
@@ -42,8 +46,11 @@ class Fence:
         entry.fed_at = now
         self.feeds += 1
         age = int(now - entry.stored)
-        # The wire name goes as is: the NFLOG recorder turns it into text off the hot path.
-        self.feeder.feed([(ip, ttl - age) for ip, ttl in entry.addrs], qname)
+        addrs = [(ip, ttl - age) for ip, ttl in entry.addrs]
+        # The wire name goes as is: the recorders turn it into text off the hot path.
+        self.feeder.feed(addrs, qname)
+        if self.connections is not None:  # before the answer leaves, like the set entries
+            self.connections.note(addrs, qname)
 
     def set_entries(self) -> dict[str, int]:
         """Entries per family ("ipv4"/"ipv6"), asked over a socket of the caller's own.
@@ -64,21 +71,44 @@ class Fence:
         self.feeder.set_ttl_bounds(min_ttl, max_ttl)
 
     def close(self) -> None:
+        if self.connections is not None:
+            self.connections.stop()
         if self.recorder is not None:
             self.recorder.stop()
         self.feeder.close()
 
 
-def make_feeder(config: Config, querylog: Any = None) -> Fence:
-    """Open the sets (creating them if `firewall apply` has not run yet) and the NFLOG reader."""
+def make_feeder(config: Config, querylog: Any = None, config_of: Callable[[], Config] | None = None) -> Fence:
+    """Open the sets (creating them if `firewall apply` has not run yet), the NFLOG reader
+    (blocked attempts, a thread) and the conntrack recorder (every flow let through, a
+    process of its own: resolver.fence.connproc).
+
+    `config_of` returns the running policy (it changes on reload); the client of a blocked
+    attempt comes from it. The recorder process reads the policy file itself.
+    """
     fw = config.firewall
     feeder = SetFeeder(fw.min_ttl, fw.max_ttl)
     feeder.ensure_sets()
-    recorder = None
+    recorder = connections = None
     if config.log.enabled:
+        from resolver.fence.connproc import ConnRecorderProcess
+        from resolver.fence.describe import policy_describer
         from resolver.fence.nflog import NflogError, NflogRecorder
 
-        recorder = NflogRecorder(config.log.database, name_of=feeder.names.get)
+        current = config_of or (lambda: config)
+        describe = policy_describer(current)
+        if fw.record_connections:
+            policy_path = config.path if config.path and os.path.exists(config.path) else None
+            connections = ConnRecorderProcess(config.log.database, policy_path, fw.connection_refresh)
+            try:
+                connections.start()
+            except OSError as exc:
+                print(f"dnsguard: cannot read conntrack, allowed connections will not be recorded: {exc}",
+                      file=sys.stderr, flush=True)
+                connections = None
+        recorder = NflogRecorder(config.log.database, name_of=feeder.names.get,
+                                 client_of=lambda ip: describe(ip, ip, None, False)[0],
+                                 skip_audit=connections is not None)
         try:
             recorder.start()
         except (NflogError, OSError) as exc:
@@ -86,4 +116,4 @@ def make_feeder(config: Config, querylog: Any = None) -> Fence:
             print(f"dnsguard: cannot read NFLOG, blocked connections will not be recorded: {exc}",
                   file=sys.stderr, flush=True)
             recorder = None
-    return Fence(feeder, recorder)
+    return Fence(feeder, recorder, connections=connections)

@@ -17,13 +17,16 @@ Shape of the rules (IPv4; IPv6 is the same with dnsguard6 and icmp6 rejects)::
       dnsguard's listen addresses  udp+tcp to the DNS port: RETURN
       any other DNS / DoT / DoQ    (udp+tcp 53, 853) -> goto DNSGUARD-REJECT
       loopback (user mode)         RETURN (unless --no-loopback)
-      [allow] cidrs                RETURN (all ports)
-      set dnsguard4 dst            on [firewall] ports (default tcp/80, tcp/443, udp/443): RETURN
+      [allow] cidrs                -> goto DNSGUARD-ALLOW (all ports)
+      set dnsguard4 dst            on [firewall] ports (default tcp/80, tcp/443, udp/443):
+                                   -> goto DNSGUARD-ALLOW
       everything else              -> goto DNSGUARD-REJECT
+    DNSGUARD-ALLOW                 connmark 0x100000/0x300000 (allowed), then back to the host's
+                                   rules: the conntrack recorder follows these flows
     DNSGUARD-REJECT                NFLOG (rate limited, group 53, prefix dnsguard:blocked), then
                                    tcp-reset / icmp port-unreachable (udp) / admin-prohibited;
-                                   with --audit: NFLOG prefix dnsguard:would-block, then back to
-                                   the host's own rules.
+                                   with --audit: connmark 0x200000/0x300000 (would-block), NFLOG
+                                   prefix dnsguard:would-block, then back to the host's own rules.
 
 Allowed traffic is RETURNed, never ACCEPTed: the fence only ever takes away,
 whatever the host's own rules (Docker's included) say still applies.
@@ -46,6 +49,7 @@ from __future__ import annotations
 from resolver.fence.rules import (
     ALL_OURS,
     CHAIN,
+    CHAIN_ALLOW,
     CHAIN_OUT,
     CHAIN_REJECT,
     COMMENT_PREFIX,
@@ -99,6 +103,7 @@ from resolver.fence.status import (
 __all__ = [
     "ALL_OURS",
     "CHAIN",
+    "CHAIN_ALLOW",
     "CHAIN_OUT",
     "CHAIN_REJECT",
     "COMMENT_PREFIX",

@@ -6,10 +6,13 @@ limited) to an NFLOG group before rejecting it, with the prefix
 `NflogRecorder` binds that group over netlink (NETLINK_NETFILTER,
 nfnetlink_log: NFULNL_MSG_CONFIG / NFULNL_CFG_CMD_BIND, copy mode "packet",
 first 128 bytes), parses the IPv4/IPv6 and TCP/UDP headers in a thread, and
-writes rows into the SQLite table ``connections``:
+writes rows into the SQLite table ``connections`` (``resolver.core.logdb``):
 
-    ts REAL, source TEXT, destination TEXT, protocol TEXT, port INTEGER,
-    verdict TEXT ('blocked' | 'would-block'), name TEXT
+    ts, source, destination, protocol, port, verdict ('blocked' | 'would-block'), name,
+    client, end_ts (= ts: an attempt is over when it is made); no ports or counters
+
+Allowed (and, under --audit, would-block) flows are recorded from conntrack by
+``resolver.fence.connrec``; with it running this recorder skips would-block packets.
 
 ``name`` is the name that last resolved to the destination, as remembered by
 `SetFeeder.feed(..., name=...)`; NULL if dnsguard never answered with it
@@ -31,9 +34,9 @@ import time
 from collections.abc import Callable
 
 from resolver.core.errors import DnsguardError
+from resolver.core.logdb import ensure_connections_table
 
 __all__ = [
-    "CONNECTIONS_SQL",
     "DEFAULT_GROUP",
     "PREFIX_AUDIT",
     "PREFIX_BLOCKED",
@@ -46,11 +49,6 @@ DEFAULT_GROUP = 53
 PREFIX_BLOCKED = "dnsguard:blocked"
 PREFIX_AUDIT = "dnsguard:would-block"
 COPY_RANGE = 128  # enough for IPv6 + a few extension headers + TCP ports
-
-CONNECTIONS_SQL = (
-    "CREATE TABLE IF NOT EXISTS connections ("
-    "ts REAL, source TEXT, destination TEXT, protocol TEXT, port INTEGER, verdict TEXT, name TEXT)"
-)
 
 # netlink / nfnetlink_log constants (linux/netfilter/nfnetlink_log.h)
 NETLINK_NETFILTER = 12
@@ -146,13 +144,18 @@ class NflogRecorder:
     """
 
     def __init__(self, database: str, group: int = DEFAULT_GROUP, *,
-                 name_of: Callable[[str], object] | None = None, netns: str | None = None) -> None:
+                 name_of: Callable[[str], object] | None = None, netns: str | None = None,
+                 client_of: Callable[[str], str | None] | None = None, skip_audit: bool = False) -> None:
         if not 0 <= group <= 65535:
             raise ValueError("NFLOG group must be 0..65535")
         self.database = database
         self.group = group
         self.name_of = name_of
         self.netns = netns
+        self.client_of = client_of
+        # With the conntrack recorder running, a would-block flow is its row (with bytes):
+        # the NFLOG copy of its first packet would count it twice.
+        self.skip_audit = skip_audit
         self.recorded = 0
         self.overruns = 0
         self.last_error: str | None = None
@@ -176,8 +179,7 @@ class NflogRecorder:
         db = sqlite3.connect(self.database, timeout=5.0)
         try:
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute(CONNECTIONS_SQL)
-            db.commit()
+            ensure_connections_table(db)
         finally:
             db.close()
         self._sock = sock
@@ -284,7 +286,7 @@ class NflogRecorder:
         for attempt in range(3):
             try:
                 db.executemany("INSERT INTO connections (ts, source, destination, protocol, port, verdict, "
-                               "name) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                               "name, client, end_ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
                 db.commit()
                 break
             except sqlite3.Error as exc:
@@ -324,24 +326,41 @@ class NflogRecorder:
                 if parsed is not None:
                     src, dst, proto, port = parsed
                     verdict = "would-block" if prefix.startswith(PREFIX_AUDIT) else "blocked"
-                    out.append((now, src, dst, proto, port, verdict, self._name(dst)))
+                    if verdict == "would-block" and self.skip_audit:
+                        pos += (length + 3) & ~3
+                        continue
+                    # An attempt is over when it is made: end_ts = ts (NULL means still open).
+                    out.append((now, src, dst, proto, port, verdict, self._name(dst), self._client(src), now))
             pos += (length + 3) & ~3
         return out
 
     def _name(self, ip: str) -> str | None:
-        if self.name_of is None:
+        return lookup_name(self.name_of, ip)
+
+    def _client(self, ip: str) -> str | None:
+        if self.client_of is None:
             return None
         try:
-            name = self.name_of(ip)
-        except Exception:  # noqa: BLE001 - a lookup problem must not lose the row
+            return self.client_of(ip)
+        except Exception:  # noqa: BLE001 - a policy problem must not lose the row
             return None
-        if name is None:
-            return None
-        if isinstance(name, bytes):  # lower-cased wire form from the query path
-            from resolver.core.names import wire_to_text
 
-            try:
-                return wire_to_text(name)
-            except Exception:  # noqa: BLE001
-                return None
-        return str(name)
+
+def lookup_name(name_of: Callable[[str], object] | None, ip: str) -> str | None:
+    """The text name `name_of(ip)` remembers (the feeder keeps wire bytes); None if none."""
+    if name_of is None:
+        return None
+    try:
+        name = name_of(ip)
+    except Exception:  # noqa: BLE001 - a lookup problem must not lose the row
+        return None
+    if name is None:
+        return None
+    if isinstance(name, bytes):  # lower-cased wire form from the query path
+        from resolver.core.names import wire_to_text
+
+        try:
+            return wire_to_text(name)
+        except Exception:  # noqa: BLE001
+            return None
+    return str(name)

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from resolver.core.errors import DnsguardError
+from resolver.fence.conntrack import MARK_ALLOWED, MARK_AUDIT, MARK_MASK
 from resolver.fence.netlink import DEFAULT_SET4, DEFAULT_SET6
 from resolver.fence.nflog import DEFAULT_GROUP, PREFIX_AUDIT, PREFIX_BLOCKED
 
@@ -24,9 +25,10 @@ Ports = tuple[tuple[str, int], ...] | None  # None = every port and protocol
 CHAIN = "DNSGUARD"
 CHAIN_OUT = "DNSGUARD-OUT"
 CHAIN_REJECT = "DNSGUARD-REJECT"
+CHAIN_ALLOW = "DNSGUARD-ALLOW"
 NAT_DNS = "DNSGUARD-DNS"
 NAT_SNAT = "DNSGUARD-SNAT"
-OUR_CHAINS = {"filter": (CHAIN, CHAIN_OUT, CHAIN_REJECT), "nat": (NAT_DNS, NAT_SNAT)}
+OUR_CHAINS = {"filter": (CHAIN, CHAIN_OUT, CHAIN_ALLOW, CHAIN_REJECT), "nat": (NAT_DNS, NAT_SNAT)}
 ALL_OURS = frozenset(c for cs in OUR_CHAINS.values() for c in cs)
 DEFAULT_PORTS: Ports = (("tcp", 80), ("tcp", 443), ("udp", 443))
 DNS_PORTS = (53, 853)  # DNS, DNS over TLS (tcp) / over QUIC (udp)
@@ -231,17 +233,23 @@ def fence_rules(spec: FenceSpec, family: int, *, docker_user: bool = False) -> d
         filt.append(f"-A {out} -p {proto} -m multiport --dports {dns} -g {CHAIN_REJECT}")
     if spec.mode == "user" and spec.loopback:
         filt.append(f"-A {out} -o lo -j RETURN")
+    # Egress that is let through goes via DNSGUARD-ALLOW, which marks the connection (connmark,
+    # only our bits) so the conntrack recorder can tell the fenced flows from the host's own;
+    # reached by gotos only, its end returns to the built-in chain like RETURN here would.
     for net in spec.allow_cidrs:
         if net.version == family:
-            filt.append(f"-A {out} -d {_dst(net)} -j RETURN")
+            filt.append(f"-A {out} -d {_dst(net)} -g {CHAIN_ALLOW}")
     for match in _port_matches(spec.ports):
         sep = " " if match else ""
-        filt.append(f"-A {out}{sep}{match} -m set --match-set {set_name} dst -j RETURN")
+        filt.append(f"-A {out}{sep}{match} -m set --match-set {set_name} dst -g {CHAIN_ALLOW}")
     filt.append(f"-A {out} -g {CHAIN_REJECT}")
+    filt.append(f"-A {CHAIN_ALLOW} -j CONNMARK --set-xmark {MARK_ALLOWED:#x}/{MARK_MASK:#x}")
 
     # the end of the line
     rej = CHAIN_REJECT
     prefix = PREFIX_AUDIT if spec.audit else PREFIX_BLOCKED
+    if spec.audit:  # let through, so conntrack confirms it: recorded with bytes as would-block
+        filt.append(f"-A {rej} -j CONNMARK --set-xmark {MARK_AUDIT:#x}/{MARK_MASK:#x}")
     filt.append(f"-A {rej} -m limit --limit {LOG_LIMIT} --limit-burst {LOG_BURST} -j NFLOG "
                 f"--nflog-prefix {prefix} --nflog-group {spec.nflog_group} --nflog-size {NFLOG_SIZE}")
     if not spec.audit:

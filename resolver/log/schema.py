@@ -12,10 +12,10 @@ import dns.rcode
 import dns.rdatatype
 from sqlite_utils import Database
 
-from resolver.core.logdb import MODE_CODES, TRANSPORT_CODES, VERDICT_CODES
+from resolver.core.logdb import MODE_CODES, TRANSPORT_CODES, VERDICT_CODES, ensure_connections_table
 from resolver.core.model import LOG_FIELDS
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # How long one SQLite call may wait for a lock. Python's default is 5 s, which would
 # leave the writer deaf to close() and to its own backoff for that long.
@@ -214,6 +214,15 @@ def _migrate_to_3(db: Database) -> None:
     db.conn.execute("CREATE TABLE IF NOT EXISTS log_size_drops (ts REAL NOT NULL, dropped INTEGER NOT NULL)")
 
 
+def _migrate_to_4(db: Database) -> None:
+    # Issue #12: every outbound connection from conntrack, with its end, ports, counters,
+    # client and rule. Old rows keep NULL there; blocked rows are over when they start.
+    old = {r[1] for r in db.conn.execute("PRAGMA table_info(connections)")}
+    ensure_connections_table(db.conn, commit=False)
+    if "end_ts" not in old:  # every row so far is an NFLOG attempt (the recorder adds end_ts)
+        db.conn.execute("UPDATE connections SET end_ts = ts WHERE end_ts IS NULL")
+
+
 # Subtract the counts of the rows with id <= ? from the rollup (their hour and key), so it
 # keeps agreeing with the rows left; keys that reach zero go.
 _ROLLUP_SUBTRACT_SQL = (
@@ -248,7 +257,8 @@ def used_bytes(conn: sqlite3.Connection) -> int:
 
 # Index i migrates a database from user_version i to i + 1. Later issues append here
 # and bump SCHEMA_VERSION.
-MIGRATIONS: list[Callable[[Database], None]] = [_migrate_to_1, _migrate_to_2, _migrate_to_3]
+MIGRATIONS: list[Callable[[Database], None]] = [_migrate_to_1, _migrate_to_2, _migrate_to_3,
+                                                 _migrate_to_4]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 

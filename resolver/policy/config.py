@@ -73,6 +73,16 @@ class FirewallSettings:
     max_ttl: int = 86_400
     # ("tcp", 443) pairs; None means every port.
     ports: tuple[tuple[str, int], ...] | None = (("tcp", 80), ("tcp", 443), ("udp", 443))
+    # Every flow the fence lets through becomes a `connections` row (from conntrack); the
+    # counters of open connections are refreshed this often (seconds, at most 60).
+    record_connections: bool = True
+    connection_refresh: float = 30.0
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    # A client that sent more than this many MB to one name in a report window is flagged.
+    upload_warn_mb: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -117,6 +127,7 @@ class Config:
     matcher: Matcher = field(compare=False, repr=False)
     metrics: MetricsSettings = MetricsSettings()
     dnstap: DnstapSettings = DnstapSettings()
+    report: ReportSettings = field(default_factory=ReportSettings)
 
     @property
     def listen(self) -> tuple[HostPort, ...]:
@@ -325,7 +336,7 @@ def without_self(servers: list[HostPort] | tuple[HostPort, ...],
 # ---------------------------------------------------------------- entry points
 
 TOP_KEYS = {"mode", "server", "upstream", "cache", "allow", "deny", "log", "firewall", "clients",
-            "metrics", "dnstap"}
+            "metrics", "dnstap", "report"}
 
 
 def parse_config(text: str, path: str = "<policy>") -> Config:
@@ -421,16 +432,28 @@ def _parse_config(text: str, path: str) -> Config:
     if log.max_size_mb < 0:
         raise ctx.fail("log.max_size_mb must be >= 0 (0 = no limit)", key="max_size_mb", section="log")
 
-    fw = _table(ctx, data, "firewall", {"enabled", "min_ttl", "max_ttl", "ports"})
+    fw = _table(ctx, data, "firewall", {"enabled", "min_ttl", "max_ttl", "ports", "record_connections",
+                                        "connection_refresh_s"})
     firewall = FirewallSettings(
         enabled=_typed(ctx, fw, "firewall", "enabled", bool, False),
         min_ttl=_typed(ctx, fw, "firewall", "min_ttl", int, 30),
         max_ttl=_typed(ctx, fw, "firewall", "max_ttl", int, 86_400),
         ports=_ports(ctx, fw["ports"]) if "ports" in fw else FirewallSettings.ports,
+        record_connections=_typed(ctx, fw, "firewall", "record_connections", bool, True),
+        connection_refresh=float(_typed(ctx, fw, "firewall", "connection_refresh_s", (int, float), 30.0)),
     )
     if not 1 <= firewall.min_ttl <= firewall.max_ttl <= 2_147_483:
         raise ctx.fail("firewall: 1 <= min_ttl <= max_ttl <= 2147483 required (ipset's limits)",
                        key="min_ttl")
+    if not 0 < firewall.connection_refresh <= 60:
+        raise ctx.fail("firewall.connection_refresh_s must be more than 0 and at most 60 (seconds)",
+                       key="connection_refresh_s")
+
+    rp = _table(ctx, data, "report", {"upload_warn_mb"})
+    warn_mb = _typed(ctx, rp, "report", "upload_warn_mb", (int, float), 10.0)
+    report = ReportSettings(upload_warn_mb=float(warn_mb))
+    if report.upload_warn_mb <= 0:
+        raise ctx.fail("report.upload_warn_mb must be positive", key="upload_warn_mb")
 
     clients = _clients(ctx, data.get("clients", []), mode, allow, deny)
     metrics, dnstap = _observe(ctx, data)
@@ -439,6 +462,7 @@ def _parse_config(text: str, path: str) -> Config:
         path=path, text=text, mode=mode, server=server, upstream=upstream, cache=cache, log=log,
         firewall=firewall, allow_domains=tuple(allow), deny_domains=tuple(deny),
         allow_cidrs=allow_cidrs, clients=clients, matcher=matcher, metrics=metrics, dnstap=dnstap,
+        report=report,
     )
 
 

@@ -13,11 +13,21 @@ a window and the integer base table ``lookup_rows`` only for its partial edge ho
 only for the few rows they print.
 
 Modules: ``schema`` (the JSON Schemas), ``query`` (filters, time, the window SQL), ``views``
-(summary, names), ``tail``. The public names are re-exported here.
+(summary, names), ``tail``, ``connections`` (recorded connections, egress per name). The
+public names are re-exported here.
 """
 
+from resolver.log.report.connections import (
+    CONNECTION_VERDICTS,
+    ConnFilters,
+    connection_overflow,
+    connections,
+    egress,
+)
 from resolver.log.report.query import Filters, ReportError, iso, open_log, parse_when
 from resolver.log.report.schema import (
+    CONNECTIONS_SCHEMA,
+    CONNECTIONS_SCHEMA_ID,
     LOOKUP_COLUMNS,
     LOOKUP_SCHEMA,
     LOOKUP_SCHEMA_ID,
@@ -30,6 +40,8 @@ from resolver.log.report.tail import last_id, tail
 from resolver.log.report.views import NAME_SORTS, names, summary
 
 __all__ = [
+    "CONNECTIONS_SCHEMA", "CONNECTIONS_SCHEMA_ID", "CONNECTION_VERDICTS", "ConnFilters",
+    "connection_overflow", "connections", "egress",
     "LOOKUP_COLUMNS", "LOOKUP_SCHEMA", "LOOKUP_SCHEMA_ID", "NAMES_SCHEMA", "NAMES_SCHEMA_ID", "NAME_SORTS",
     "SUMMARY_SCHEMA", "SUMMARY_SCHEMA_ID", "Filters", "ReportError", "iso", "last_id", "names", "open_log",
     "parse_when", "summary", "tail",

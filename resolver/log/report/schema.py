@@ -6,9 +6,10 @@ report against these.
 
 from __future__ import annotations
 
-SUMMARY_SCHEMA_ID = "dnsguard-report-summary/1"
+SUMMARY_SCHEMA_ID = "dnsguard-report-summary/2"  # 2: + egress (issue #12)
 NAMES_SCHEMA_ID = "dnsguard-report-names/1"
 LOOKUP_SCHEMA_ID = "dnsguard-report-lookup/1"
+CONNECTIONS_SCHEMA_ID = "dnsguard-report-connections/1"
 
 _TIME = {"type": "string",
          "description": "ISO 8601 UTC, millisecond precision, e.g. 2024-05-01T12:00:00.000Z"}
@@ -94,6 +95,67 @@ _CONNECTION = {
     },
 }
 
+_BYTES = {"type": "integer", "minimum": 0, "description": "bytes counted by conntrack (IP headers included)"}
+_BYTES_OR_NULL = {"type": ["integer", "null"], "minimum": 0,
+                  "description": "null: a blocked attempt, or not counted yet"}
+_CONN_OVERFLOW = {
+    "type": "object",
+    "description": "Connections the recorder could not record (cumulative), and how often the "
+                   "kernel's event buffer overran (each answered with a resynchronising dump).",
+    "required": ["dropped", "dropped_in_window", "overruns", "last"],
+    "additionalProperties": False,
+    "properties": {"dropped": _COUNT, "dropped_in_window": _COUNT, "overruns": _COUNT, "last": _TIME_OR_NULL},
+}
+_EGRESS_NAME = {
+    "type": "object",
+    "required": ["name", "client", "connections", "bytes_out", "bytes_in", "verdicts", "first_seen",
+                 "last_seen", "large_upload"],
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string"},
+        "client": {"type": "string", "description": "the [[clients]] name, else the source address"},
+        "connections": _COUNT, "bytes_out": _BYTES, "bytes_in": _BYTES,
+        "verdicts": {"type": "array", "items": {"enum": ["allowed", "would-block"]}},
+        "first_seen": _TIME, "last_seen": _TIME,
+        "large_upload": {"type": "boolean", "description": "bytes_out above upload_warn_mb"},
+    },
+}
+_LARGE_UPLOAD = {
+    "type": "object",
+    "required": ["name", "client", "connections", "bytes_out", "first_seen", "last_seen"],
+    "additionalProperties": False,
+    "properties": {"name": {"type": "string"}, "client": {"type": "string"}, "connections": _COUNT,
+                   "bytes_out": _BYTES, "first_seen": _TIME, "last_seen": _TIME},
+}
+_UNNAMED = {
+    "type": "object",
+    "required": ["destination", "protocol", "port", "verdict", "connections", "bytes_out", "bytes_in",
+                 "clients", "first_seen", "last_seen"],
+    "additionalProperties": False,
+    "properties": {
+        "destination": {"type": ["string", "null"]}, "protocol": {"type": ["string", "null"]},
+        "port": {"type": ["integer", "null"]}, "verdict": {"enum": ["allowed", "would-block"]},
+        "connections": _COUNT, "bytes_out": _BYTES, "bytes_in": _BYTES, "clients": _STRINGS,
+        "first_seen": _TIME, "last_seen": _TIME,
+    },
+}
+_EGRESS = {
+    "type": "object",
+    "description": "Connections the fence let through, from conntrack (allowed and would-block).",
+    "required": ["upload_warn_mb", "egress_by_name", "large_uploads", "unnamed_egress", "overflow"],
+    "additionalProperties": False,
+    "properties": {
+        "upload_warn_mb": {"type": "number"},
+        "egress_by_name": {"type": "array", "items": _EGRESS_NAME,
+                           "description": "per name and client, largest upload first"},
+        "large_uploads": {"type": "array", "items": _LARGE_UPLOAD,
+                          "description": "a client that sent more than upload_warn_mb MB to one name"},
+        "unnamed_egress": {"type": "array", "items": _UNNAMED,
+                           "description": "to addresses dnsguard never handed out, per destination"},
+        "overflow": _CONN_OVERFLOW,
+    },
+}
+
 _FINDING_NAMES = 5
 _FINDING = {
     "type": "object",
@@ -165,6 +227,7 @@ SUMMARY_SCHEMA: dict = _report_schema(SUMMARY_SCHEMA_ID, "dnsguard report (summa
         "description": "allowed lookups answered SERVFAIL or NXDOMAIN, by name and rcode",
     },
     "blocked_connections": {"type": "array", "items": _CONNECTION},
+    "egress": _EGRESS,
     "suspicious": {
         "type": "array", "items": _FINDING,
         "description": "exfiltration-shaped names (the same findings `dnsguard learn` leaves out)",
@@ -197,6 +260,61 @@ NAMES_SCHEMA: dict = _report_schema(NAMES_SCHEMA_ID, "dnsguard report names", {
         },
     },
 })
+
+CONNECTIONS_SCHEMA: dict = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": CONNECTIONS_SCHEMA_ID,
+    "title": "dnsguard report connections",
+    "type": "object",
+    "required": ["schema", "database", "generated", "window", "filters", "overflow", "connections"],
+    "additionalProperties": False,
+    "properties": {
+        "schema": {"const": CONNECTIONS_SCHEMA_ID},
+        "database": {"type": "string"},
+        "generated": _TIME,
+        "window": _WINDOW,
+        "filters": {
+            "type": "object",
+            "required": ["client", "name", "verdict", "open"],
+            "additionalProperties": False,
+            "properties": {"client": {"type": ["string", "null"]}, "name": {"type": ["string", "null"]},
+                           "verdict": {"enum": ["allowed", "blocked", "would-block", None]},
+                           "open": {"type": "boolean"}},
+        },
+        "overflow": _CONN_OVERFLOW,
+        "connections": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["id", "start", "end", "open", "duration_s", "source", "source_port", "client",
+                             "destination", "protocol", "port", "name", "verdict", "rule", "packets_out",
+                             "bytes_out", "packets_in", "bytes_in"],
+                "additionalProperties": False,
+                "properties": {
+                    "id": {"type": "integer"},
+                    "start": _TIME,
+                    "end": {**_TIME_OR_NULL, "description": "null while open"},
+                    "open": {"type": "boolean"},
+                    "duration_s": {"type": "number", "description": "so far, if open"},
+                    "source": {"type": ["string", "null"]},
+                    "source_port": {"type": ["integer", "null"]},
+                    "client": {"type": ["string", "null"], "description": "the [[clients]] name"},
+                    "destination": {"type": ["string", "null"]},
+                    "protocol": {"type": ["string", "null"]},
+                    "port": {"type": ["integer", "null"], "description": "ICMP: the type"},
+                    "name": {"type": ["string", "null"],
+                             "description": "the name whose answer put the destination in the set; "
+                                            "null: an address dnsguard never handed out"},
+                    "verdict": {"enum": ["allowed", "blocked", "would-block"]},
+                    "rule": {"type": ["string", "null"],
+                             "description": "the allow rule or [allow] cidrs entry; null when blocked"},
+                    "packets_out": _BYTES_OR_NULL, "bytes_out": _BYTES_OR_NULL,
+                    "packets_in": _BYTES_OR_NULL, "bytes_in": _BYTES_OR_NULL,
+                },
+            },
+        },
+    },
+}
 
 # `report tail --format json` prints one such object per line (JSON Lines), so -f can stream.
 LOOKUP_SCHEMA: dict = {

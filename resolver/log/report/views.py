@@ -9,6 +9,7 @@ import time
 from sqlite_utils import Database
 
 from resolver.core.logdb import VERDICT_CODES
+from resolver.log.report.connections import connection_overflow, egress
 from resolver.log.report.query import (
     _FAILURE_RCODES,
     _MODE_NAMES,
@@ -32,7 +33,8 @@ from resolver.policy import suspicious
 
 # -------------------------------------------------------------------- reports
 def summary(db: Database, *, since: float | None, until: float | None,
-            filters: Filters = Filters(), top: int = 10, now: float | None = None) -> dict:
+            filters: Filters = Filters(), top: int = 10, now: float | None = None,
+            upload_warn_mb: float = 10.0) -> dict:
     """The default report: totals, top denied/allowed names, upstream failures, connections.
 
     Returns a dict matching :data:`SUMMARY_SCHEMA`.
@@ -82,6 +84,9 @@ def summary(db: Database, *, since: float | None, until: float | None,
             for r in fails
         ],
         "blocked_connections": _blocked_connections(db, since, until, filters, top),
+        "egress": {**egress(db, since=since, until=until, filters=filters, top=top,
+                            upload_warn_mb=upload_warn_mb),
+                   "overflow": connection_overflow(db, since, until)},
         "suspicious": _suspicious(db, top),
     })
     db.execute("DROP TABLE IF EXISTS temp.dg_window")

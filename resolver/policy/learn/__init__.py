@@ -42,6 +42,9 @@ from resolver.policy.learn.collapse import (
     LeftOut,
     Plan,
     collapse,
+    human_bytes,
+    large_uploads,
+    never_connected,
     plan,
     unused_rules,
 )
@@ -50,6 +53,7 @@ from resolver.policy.learn.collect import (
     TOP,
     ClientStats,
     Connection,
+    Egress,
     LearnError,
     LogWindow,
     NameStats,
@@ -65,6 +69,10 @@ from resolver.policy.learn.render import (
 )
 
 __all__ = [
+    "Egress",
+    "human_bytes",
+    "large_uploads",
+    "never_connected",
     "ClientStats",
     "Connection",
     "DEFAULT_COLLAPSE_THRESHOLD",

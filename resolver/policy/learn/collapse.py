@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -20,6 +20,7 @@ from resolver.policy.learn.collect import (
     DEFAULT_COLLAPSE_THRESHOLD,
     TOP,
     Connection,
+    Egress,
     LogWindow,
     NameStats,
     _addr,
@@ -41,6 +42,7 @@ class Entry:
     qtypes: tuple[str, ...]
     first: float
     last: float
+    egress: Egress | None = None   # None: the log has no connection records
 
     @property
     def wildcard(self) -> bool:
@@ -55,6 +57,10 @@ class Entry:
         parts.append(_n(self.lookups, "lookup"))
         if self.qtypes:
             parts.append(f"({'/'.join(self.qtypes)})")
+        if self.egress is not None:
+            parts[-1] += ","
+            out = human_bytes(self.egress.bytes_out)
+            parts.append(f"{_n(self.egress.connections, 'connection')}, {out} out")
         parts.append(f"from {_clients_text(self.clients)};")
         parts.append(f"first {_time(self.first)}, last {_time(self.last)}")
         return _one_line(" ".join(parts))
@@ -82,9 +88,18 @@ class Plan:
     unused: list[tuple[str | None, str]]                # existing allow rules nobody used
     connections: list[Connection]
     policy: Config | None
+    upload_warn_mb: float = 10.0
 
     def added(self) -> int:
         return sum(len(v) for v in self.sections.values())
+
+
+def human_bytes(n: int) -> str:
+    """12345 -> '12 KB' (decimal units, like [report] upload_warn_mb)."""
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"
 
 
 def _n(count: int, word: str) -> str:
@@ -200,8 +215,15 @@ def _matcher_for(policy: Config, section: str | None) -> Matcher:
 
 def plan(window: LogWindow, *, policy: Config | None = None,
          collapse_threshold: int = DEFAULT_COLLAPSE_THRESHOLD,
-         thresholds: suspicious.Thresholds = suspicious.DEFAULT_THRESHOLDS) -> Plan:
-    """Decide what to add (per section), what to leave out and why."""
+         thresholds: suspicious.Thresholds = suspicious.DEFAULT_THRESHOLDS,
+         upload_warn_mb: float | None = None) -> Plan:
+    """Decide what to add (per section), what to leave out and why.
+
+    ``upload_warn_mb`` (default: the policy's ``[report] upload_warn_mb``, else 10) marks
+    the uploads `--diff` lists.
+    """
+    if upload_warn_mb is None:
+        upload_warn_mb = policy.report.upload_warn_mb if policy is not None else 10.0
     findings = suspicious.detect(_observations(window), thresholds)
     flagged = suspicious.flagged_names(findings)
     named = _base_named(policy)
@@ -261,7 +283,11 @@ def plan(window: LogWindow, *, policy: Config | None = None,
         entries = []
         for rule, members in collapse(names, collapse_threshold, bad_names).items():
             addrs = set().union(*(names[m] for m in members))
-            entries.append(_entry(rule, members, addrs, window))
+            # Connection sources are not always lookup clients (user mode: DNS arrives from
+            # loopback, connections leave from the host's address), so a top-level entry
+            # counts every source and a [[clients]] entry the sources in that client's nets.
+            source_ok = None if section is TOP else (lambda a, s=section: _section_of(a, named) == s)
+            entries.append(_entry(rule, members, addrs, window, source_ok))
         entries.sort(key=lambda e: _sort_key(e.rule))
         sections[section] = entries
 
@@ -270,7 +296,8 @@ def plan(window: LogWindow, *, policy: Config | None = None,
         # Destinations the policy already lets through need no suggestion.
         connections = [c for c in connections if not _in_any(c.destination, policy.allow_cidrs)]
     return Plan(window, collapse_threshold, sections, dict(already), left_out, findings,
-                unused_rules(window, policy) if policy is not None else [], connections, policy)
+                unused_rules(window, policy) if policy is not None else [], connections, policy,
+                upload_warn_mb)
 
 
 def _by_count(ns: NameStats, addrs: set[str] | None) -> tuple[str, ...]:
@@ -278,7 +305,8 @@ def _by_count(ns: NameStats, addrs: set[str] | None) -> tuple[str, ...]:
     return tuple(a for a, _ in sorted(items, key=lambda ac: (-ac[1].lookups, ac[0])))
 
 
-def _entry(rule: str, members: list[str], addrs: set[str], window: LogWindow) -> Entry:
+def _entry(rule: str, members: list[str], addrs: set[str], window: LogWindow,
+           source_ok: Callable[[str], bool] | None = None) -> Entry:
     lookups, first, last = 0, float("inf"), float("-inf")
     per_client: Counter = Counter()
     qtypes: Counter = Counter()
@@ -293,7 +321,30 @@ def _entry(rule: str, members: list[str], addrs: set[str], window: LogWindow) ->
                 per_client[a] += ns.clients[a].lookups
     clients = tuple(a for a, _ in sorted(per_client.items(), key=lambda ac: (-ac[1], ac[0])))
     return Entry(rule, tuple(members), lookups, clients,
-                 tuple(q for q, _ in sorted(qtypes.items(), key=lambda qc: (-qc[1], qc[0]))), first, last)
+                 tuple(q for q, _ in sorted(qtypes.items(), key=lambda qc: (-qc[1], qc[0]))), first, last,
+                 window.egress_of(members, source_ok) if window.egress is not None else None)
+
+
+def never_connected(p: Plan) -> list[str]:
+    """Names upstream answered (allowed or proposed) that no recorded connection went to.
+
+    Empty when the log has no connection records: nothing can be said then.
+    """
+    w = p.window
+    if w.egress is None:
+        return []
+    used = {name for name, _ in w.egress}
+    resolved = {n for entries in p.sections.values() for e in entries for n in e.names}
+    resolved |= {n for items in p.already.values() for n, _ in items}
+    return sorted(resolved - used)
+
+
+def large_uploads(p: Plan) -> list[tuple[str, str, Egress]]:
+    """(name, source, egress) where one source sent more than ``upload_warn_mb`` to one name."""
+    w = p.window
+    limit = p.upload_warn_mb * 1_000_000
+    out = [(name, source, e) for (name, source), e in (w.egress or {}).items() if e.bytes_out > limit]
+    return sorted(out, key=lambda t: (-t[2].bytes_out, t[0], t[1]))
 
 
 def unused_rules(window: LogWindow, policy: Config) -> list[tuple[str | None, str]]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import ipaddress
 import sqlite3
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import dns.rdatatype
@@ -102,6 +102,15 @@ class Connection:
 
 
 @dataclass
+class Egress:
+    """Connections the fence let through to one name from one source (conntrack rows)."""
+
+    connections: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+
+
+@dataclass
 class LogWindow:
     db_path: str
     since: float | None
@@ -110,6 +119,22 @@ class LogWindow:
     names: dict[str, NameStats]
     connections: list[Connection]
     lookups: int
+    # (name, source address) -> Egress; None when the log has no per-connection counters
+    # (no `serve --firewall`, or a log from before connections were recorded)
+    egress: dict[tuple[str, str], Egress] | None = None
+
+    def egress_of(self, names: Iterable[str], source_ok: Callable[[str], bool] | None = None) -> Egress:
+        """Summed over ``names`` and the sources ``source_ok`` accepts (every source when None)."""
+        out = Egress()
+        if not self.egress:
+            return out
+        wanted = set(names)
+        for (name, source), e in self.egress.items():
+            if name in wanted and (source_ok is None or source_ok(source)):
+                out.connections += e.connections
+                out.bytes_out += e.bytes_out
+                out.bytes_in += e.bytes_in
+        return out
 
     @property
     def clients(self) -> set[str]:
@@ -185,6 +210,7 @@ def read_log(db_path: str, *, since: float | None = None, until: float | None = 
             params,
         ).fetchall()
         connections = _read_connections(conn, since, until, nets)
+        egress = _read_egress(conn, since, until, nets)
     except sqlite3.Error as exc:
         raise LearnError(f"reading {db_path} failed: {exc}") from None
     finally:
@@ -220,7 +246,29 @@ def read_log(db_path: str, *, since: float | None = None, until: float | None = 
         if cs is None:
             cs = ns.clients[key] = ClientStats()
         cs.add(n, first, last, _qtype_text(qtype), ok)
-    return LogWindow(db_path, since, until, tuple(clients), names, connections, total)
+    return LogWindow(db_path, since, until, tuple(clients), names, connections, total, egress)
+
+
+def _read_egress(conn: sqlite3.Connection, since: float | None, until: float | None,
+                 nets: Sequence) -> dict[tuple[str, str], Egress] | None:
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(connections)")}
+    if "bytes_out" not in cols:
+        return None
+    # Connections recorded at all (any time): otherwise `serve --firewall` never ran on this
+    # log, and "0 connections" would be a claim nobody measured.
+    if conn.execute("SELECT 1 FROM connections WHERE bytes_out IS NOT NULL LIMIT 1").fetchone() is None:
+        return None
+    cond, params = window(since, until)
+    cond += ["verdict IN ('allowed', 'would-block')", "name IS NOT NULL"]
+    out: dict[tuple[str, str], Egress] = {}
+    for name, source, n, bytes_out, bytes_in in conn.execute(
+        "SELECT name, source, count(*), sum(coalesce(bytes_out, 0)), sum(coalesce(bytes_in, 0)) "
+        f"FROM connections WHERE {' AND '.join(cond)} GROUP BY name, source", params,
+    ):
+        if nets and not _in_any(source, nets):
+            continue
+        out[(name, source or "?")] = Egress(n, bytes_out, bytes_in)
+    return out
 
 
 def _read_connections(conn: sqlite3.Connection, since: float | None, until: float | None,

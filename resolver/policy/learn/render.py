@@ -16,7 +16,18 @@ from tomlkit.items import AoT, Array, Table
 from resolver.core.errors import PolicyError
 from resolver.policy import suspicious
 from resolver.policy.config import parse_config
-from resolver.policy.learn.collapse import Entry, LeftOut, Plan, _clients_text, _n, _one_line, _time
+from resolver.policy.learn.collapse import (
+    Entry,
+    LeftOut,
+    Plan,
+    _clients_text,
+    _n,
+    _one_line,
+    _time,
+    human_bytes,
+    large_uploads,
+    never_connected,
+)
 from resolver.policy.learn.collect import _LISTED_PER_GROUP, TOP, LearnError
 
 # ----------------------------------------------------------------------- render
@@ -211,8 +222,29 @@ def render_diff(p: Plan) -> str:
             lines.append(f'  - "{rule}"  ({_section_title(section)})')
     else:
         lines += ["", "every allow rule was used in the window"]
+    lines += _egress_lines(p)
     lines += _footer(p)
     return "\n".join(_one_line(x) for x in lines) + "\n"
+
+
+def _egress_lines(p: Plan) -> list[str]:
+    """--diff: what the connection records say about the allowed names (if there are any)."""
+    if p.window.egress is None:
+        return ["", "no connection records in this log (run `serve --firewall`): nothing to say about "
+                    "connections"]
+    lines: list[str] = []
+    idle = never_connected(p)
+    if idle:
+        lines += ["", f"resolved but never connected to in the window ({len(idle)}; allowed for nothing?):"]
+        lines += [f"  ? {name}" for name in idle]
+    else:
+        lines += ["", "every resolved name was connected to in the window"]
+    big = large_uploads(p)
+    if big:
+        lines += ["", f"uploads above {p.upload_warn_mb:g} MB to one name from one client ({len(big)}):"]
+        lines += [f"  ! {name}: {human_bytes(e.bytes_out)} out in {_n(e.connections, 'connection')} "
+                  f"from {source}" for name, source, e in big]
+    return lines
 
 
 def summary(p: Plan) -> str:
