@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from resolver.core.errors import DnsguardError
+from resolver.core.notify import Notifier
 from resolver.dns.chain import Resolver
 from resolver.dns.server import DnsServer
 from resolver.policy.config import Config, load_config, resolv_conf_servers, without_self
@@ -73,6 +74,7 @@ class App:
                                 "(/etc/resolv.conf lists none besides dnsguard itself)")
         self.querylog: Any = None
         self.feeder: Any = None
+        self.notifier = Notifier()
         self._mtime = self._stat()
 
     def _stat(self) -> tuple[float, int] | None:
@@ -83,6 +85,14 @@ class App:
         return st.st_mtime, st.st_size
 
     def reload(self, reason: str = "SIGHUP") -> bool:
+        # systemd holds `systemctl reload` until READY=1 follows RELOADING=1, accepted or not.
+        self.notifier.reloading()
+        try:
+            return self._reload(reason)
+        finally:
+            self.notifier.ready(f"policy mode {self.config.mode}, {self.config.matcher.rule_count} rules")
+
+    def _reload(self, reason: str) -> bool:
         try:
             new = apply_overrides(load_config(self.opts.policy_path), self.opts)
             if not new.upstream.servers:
@@ -117,6 +127,12 @@ class App:
                 self.reload("file changed")
             seen = now
 
+    async def _watchdog(self, interval: float) -> None:
+        # A ping from the event loop itself: a wedged loop stops pinging and systemd restarts us.
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
     async def main(self) -> int:
         cfg = self.config
         if cfg.log.enabled:
@@ -133,18 +149,26 @@ class App:
             self.feeder = make_feeder(cfg, self.querylog)
         self.resolver = Resolver(cfg, submit=self.querylog.submit if self.querylog else None,
                                  feeder=self.feeder)
-        server = DnsServer(cfg, self.resolver, on_reload=self.reload)
-        watcher = None
+        server = DnsServer(cfg, self.resolver, on_reload=self.reload, on_stop=self.notifier.stopping)
+        tasks: list[asyncio.Task] = []
         try:
             await server.start()
-            watcher = asyncio.get_running_loop().create_task(self._watch())
+            loop = asyncio.get_running_loop()
+            tasks.append(loop.create_task(self._watch()))
+            if self.notifier.watchdog_interval is not None:
+                tasks.append(loop.create_task(self._watchdog(self.notifier.watchdog_interval)))
+            listening = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in server.bound)
+            # READY=1 only once serve_forever has its signal handlers: systemd may send SIGHUP
+            # the moment it reads READY, and before the handler that signal would kill us.
+            loop.call_soon(self.notifier.ready, f"listening on {listening}; policy mode {cfg.mode}, "
+                                                f"{cfg.matcher.rule_count} rules")
             await server.serve_forever()
         finally:
             try:
-                if watcher is not None:
-                    watcher.cancel()
+                for task in tasks:
+                    task.cancel()
                     with contextlib.suppress(BaseException):
-                        await watcher
+                        await task
                 if self.feeder is not None:
                     self.feeder.close()
             finally:

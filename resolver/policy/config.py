@@ -70,6 +70,13 @@ class FirewallSettings:
 
 
 @dataclass(frozen=True)
+class DockerSettings:
+    # Docker Engine API socket for container names in the log; "" = never ask Docker.
+    # The default is used only when that socket exists.
+    socket: str = "/var/run/docker.sock"
+
+
+@dataclass(frozen=True)
 class ClientPolicy:
     """A named client (``[[clients]]``): its sources, mode and extra rules."""
 
@@ -96,6 +103,7 @@ class Config:
     allow_cidrs: tuple[IPNetwork, ...]
     clients: tuple[ClientPolicy, ...]
     matcher: Matcher = field(compare=False, repr=False)
+    docker: DockerSettings = DockerSettings()
 
     @property
     def listen(self) -> tuple[HostPort, ...]:
@@ -294,7 +302,7 @@ def without_self(servers: list[HostPort] | tuple[HostPort, ...],
 
 # ---------------------------------------------------------------- entry points
 
-TOP_KEYS = {"mode", "server", "upstream", "cache", "allow", "deny", "log", "firewall", "clients"}
+TOP_KEYS = {"mode", "server", "upstream", "cache", "allow", "deny", "log", "firewall", "clients", "docker"}
 
 
 def parse_config(text: str, path: str = "<policy>") -> Config:
@@ -379,10 +387,13 @@ def parse_config(text: str, path: str = "<policy>") -> Config:
 
     clients = _clients(ctx, data.get("clients", []), mode, allow, deny)
 
+    dk = _table(ctx, data, "docker", {"socket"})
+    docker = DockerSettings(socket=_typed(ctx, dk, "docker", "socket", str, DockerSettings.socket))
+
     return Config(
         path=path, text=text, mode=mode, server=server, upstream=upstream, cache=cache, log=log,
         firewall=firewall, allow_domains=tuple(allow), deny_domains=tuple(deny),
-        allow_cidrs=allow_cidrs, clients=clients, matcher=matcher,
+        allow_cidrs=allow_cidrs, clients=clients, matcher=matcher, docker=docker,
     )
 
 
