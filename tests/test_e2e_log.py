@@ -480,7 +480,7 @@ def test_report_reads_the_log_while_serve_writes(upstream, dnsguard):
             with lock:
                 sent_after = progress["sent"]
             t = data["totals"]
-            assert data["schema"] == "dnsguard-report-summary/1"
+            assert data["schema"] == "dnsguard-report-summary/2"
             assert t["lookups"] == t["allow"] + t["deny"] + t["undecided"]
             assert t["lookups"] == t["enforce"] + t["audit"]
             assert t["lookups"] == sum(x["count"] for x in t["by_verdict_mode"])

@@ -6,9 +6,11 @@ report against these.
 
 from __future__ import annotations
 
-SUMMARY_SCHEMA_ID = "dnsguard-report-summary/1"
-NAMES_SCHEMA_ID = "dnsguard-report-names/1"
-LOOKUP_SCHEMA_ID = "dnsguard-report-lookup/1"
+# /2: client names (a Docker container's, ``user:NAME`` for a fenced user): ``client_names``
+# in every report's head, ``client_name`` in each lookup.
+SUMMARY_SCHEMA_ID = "dnsguard-report-summary/2"
+NAMES_SCHEMA_ID = "dnsguard-report-names/2"
+LOOKUP_SCHEMA_ID = "dnsguard-report-lookup/2"
 
 _TIME = {"type": "string",
          "description": "ISO 8601 UTC, millisecond precision, e.g. 2024-05-01T12:00:00.000Z"}
@@ -110,7 +112,10 @@ _FINDING = {
 def _report_schema(schema_id: str, title: str, body: dict) -> dict:
     """A report document's schema: the head every report shares (see `_head`), then ``body``."""
     head = {"schema": {"const": schema_id}, "database": {"type": "string"}, "generated": _TIME,
-            "window": _WINDOW, "filters": _FILTERS, "overflow": _OVERFLOW}
+            "window": _WINDOW, "filters": _FILTERS, "overflow": _OVERFLOW,
+            "client_names": {"type": "object", "additionalProperties": {"type": "string"},
+                             "description": "client address -> the name it had in the window (the "
+                                            "latest, if several): a Docker container, or user:NAME"}}
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": schema_id,
@@ -199,14 +204,16 @@ LOOKUP_SCHEMA: dict = {
     "$id": LOOKUP_SCHEMA_ID,
     "title": "dnsguard lookup (one line of report tail --format json)",
     "type": "object",
-    "required": ["id", "ts", "time", "client", "transport", "qname", "qtype", "verdict", "mode",
-                 "rule", "rcode", "answers", "cached", "latency_ms", "note"],
+    "required": ["id", "ts", "time", "client", "client_name", "transport", "qname", "qtype", "verdict",
+                 "mode", "rule", "rcode", "answers", "cached", "latency_ms", "note"],
     "additionalProperties": False,
     "properties": {
         "id": {"type": "integer"},
         "ts": {"type": "number", "description": "seconds since the epoch, UTC"},
         "time": _TIME,
         "client": {"type": ["string", "null"]},
+        "client_name": {"type": ["string", "null"],
+                        "description": "the client's Docker container name or user:NAME, when known"},
         "transport": {"enum": ["udp", "tcp", None]},
         "qname": {"type": ["string", "null"], "description": "null when the packet was unreadable"},
         "qtype": {"type": ["string", "null"]},
