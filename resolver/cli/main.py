@@ -126,6 +126,7 @@ def check(name: str | None, policy_path: str | None, client: str) -> None:
 
 def _register() -> None:
     # Command groups live beside the library code they wrap; the CLI only collects them.
+    from resolver.cli.doctor import doctor
     from resolver.cli.firewall import firewall
     from resolver.cli.init import init
     from resolver.cli.learn import learn, policy
@@ -136,6 +137,7 @@ def _register() -> None:
     main.add_command(policy)
     main.add_command(firewall)
     main.add_command(init)
+    main.add_command(doctor)
 
 
 _register()
