@@ -28,7 +28,6 @@ import secrets
 import socket
 import sqlite3
 import subprocess
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,12 +35,16 @@ from resolver.core.addrs import user_source
 from resolver.core.errors import DnsguardError
 from resolver.fence.firewall import CHAIN, CHAIN_REJECT, Runner, spec_from_config, status
 from resolver.fence.ipsets import DEFAULT_SET4, SetFeeder
+from resolver.fence.nflog import DEFAULT_GROUP as NFLOG_GROUP
 from resolver.log.clients import DEFAULT_SOCKET, DockerAPI, DockerError, container_addresses, wait_for
 from resolver.policy.config import Config, load_config
 
 SCHEMA_ID = "dnsguard-doctor/1"
 PROBE_ADDRESS = "192.0.2.1"  # TEST-NET-1: nothing legitimate lives there
 PROBE_PORT = 443
+# User mode asks this (documentation) server: the fence must redirect it to dnsguard, and
+# if it does not, the query goes nowhere that matters.
+PROBE_RESOLVER = "192.0.2.53"
 
 
 @dataclass
@@ -88,11 +91,12 @@ _NODE_TCP = ("const s=require('net').connect(+process.argv[2],process.argv[1]);"
              "s.setTimeout(3000,()=>{console.log('TIMEOUT');process.exit(0)});"
              "s.on('connect',()=>{console.log('CONNECTED');process.exit(0)});"
              "s.on('error',e=>{console.log(e.code);process.exit(0)})")
+# $2, if given, is the server to ask (user mode: the fence redirects DNS to *any* server).
 _DNS_SCRIPT = "\n".join([
-    'n="$1"',
-    'if command -v dig >/dev/null 2>&1; then dig +tries=1 +time=3 "$n" A 2>&1',
-    'elif command -v nslookup >/dev/null 2>&1; then nslookup "$n" 2>&1',
-    f'elif command -v node >/dev/null 2>&1; then node -e "{_NODE_DNS}" "$n"',
+    'n="$1"; s="$2"',
+    'if command -v dig >/dev/null 2>&1; then dig +tries=1 +time=3 ${s:+@$s} "$n" A 2>&1',
+    'elif command -v nslookup >/dev/null 2>&1; then nslookup "$n" $s 2>&1',
+    f'elif [ -z "$s" ] && command -v node >/dev/null 2>&1; then node -e "{_NODE_DNS}" "$n"',
     'elif command -v getent >/dev/null 2>&1; then getent hosts "$n"; echo "getent-rc=$?"',
     'else echo "NO-TOOL"; fi',
 ])
@@ -142,6 +146,7 @@ class Agent:
     """Where the agent-side checks run: in a container, or as a local user."""
 
     label: str = ""
+    resolver: str = ""  # the DNS server the agent-side query names ("" = the agent's own)
 
     def run(self, script: str, *args: str) -> str:
         raise NotImplementedError
@@ -175,6 +180,7 @@ class UserAgent(Agent):
             raise DnsguardError(f"no such user: {user!r}") from None
         self.netns = netns
         self.label = f"user {user}"
+        self.resolver = PROBE_RESOLVER
 
     def run(self, script: str, *args: str) -> str:
         argv = ["setpriv", f"--reuid={self.pw.pw_uid}", f"--regid={self.pw.pw_gid}", "--init-groups",
@@ -383,12 +389,11 @@ def diagnose(policy_path: str, *, container: str | None = None, user: str | None
                 diag.add("firewall sets", False, f"set {DEFAULT_SET4} does not exist",
                          "`dnsguard firewall apply ...` creates it; `dnsguard serve --firewall` fills it")
             else:
-                recent = _recent_allowed_answer(db_path, cfg.firewall.min_ttl) if db_path else None
-                fed = info4.entries > 0 or recent is None
-                diag.add("firewall sets", fed,
-                         f"{DEFAULT_SET4}: {info4.entries} addresses" + (
-                             "" if info4.entries else " (no allowed answers lately, so none expected)"
-                             if recent is None else f", yet {recent} was answered at once"),
+                # `serve --firewall` binds the fence's NFLOG group while it feeds the sets.
+                feeding = _nflog_bound(runner, NFLOG_GROUP)
+                diag.add("firewall sets", feeding, f"{DEFAULT_SET4}: {info4.entries} addresses; " + (
+                             "dnsguard serve --firewall is feeding it" if feeding else
+                             f"no dnsguard serve --firewall here (NFLOG group {NFLOG_GROUP} unbound)"),
                          "run serve with --firewall (or [firewall] enabled = true) so answers reach the set")
 
     # 6. the agent's resolver
@@ -411,7 +416,7 @@ def diagnose(policy_path: str, *, container: str | None = None, user: str | None
     # 7. from the agent's side
     if cfg is not None and agent is not None:
         name = f"doctor-{secrets.token_hex(4)}.dnsguard-doctor.invalid"
-        out = agent.run(_DNS_SCRIPT, name)
+        out = agent.run(_DNS_SCRIPT, name, agent.resolver)
         got = classify_dns(out)
         detail = f"{name}: {got}"
         ok = got == "nxdomain"
@@ -473,12 +478,7 @@ def _apply_example(policy_path: str, agent: Agent | None) -> str:
     return f"dnsguard firewall apply --policy {policy_path} --source SUBNET (or --user NAME)"
 
 
-def _recent_allowed_answer(db: str, within: float) -> str | None:
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
-            row = conn.execute("SELECT qname FROM lookups WHERE id > (SELECT coalesce(max(id), 0) - 1000 "
-                               "FROM lookup_rows) AND verdict = 'allow' AND answers LIKE '[\"%' AND ts > ? "
-                               "ORDER BY id DESC LIMIT 1", (time.time() - within,)).fetchone()
-    except sqlite3.Error:
-        return None
-    return row[0] if row else None
+def _nflog_bound(runner: Runner, group: int) -> bool:
+    """Whether a process has bound NFLOG ``group`` in the namespace (nfnetlink_log's table)."""
+    p = runner.run(["cat", "/proc/net/netfilter/nfnetlink_log"], check=False)
+    return any(line.split()[:1] == [str(group)] for line in p.stdout.splitlines())

@@ -323,3 +323,23 @@ def test_doctor_passes_then_fails_without_the_fence_and_remove_restores_docker_r
     assert f"fix: `dnsguard firewall apply --policy {deployed.policy} --source {SUBNET}`" in out
     assert re.search(r"FAIL  hard-coded address from the agent: tcp 192\.0\.2\.1:443: timeout", out), out
     assert "PASS  agent's resolver" in out and "NOT fenced" in out
+
+
+def test_native_user_fenced_doctor_and_report_show_the_user(deployed: Lab) -> None:
+    """OpenClaw run natively as its own user: the user-mode fence, and the user's name in the log."""
+    import pwd
+
+    user = pwd.getpwuid(65534).pw_name  # nobody: an unprivileged user every system has
+    deployed.dnsguard("firewall", "apply", "--policy", str(deployed.policy), "--user", user)
+    try:
+        args = ["doctor", "--policy", str(deployed.policy), "--user", user, "--db", deployed.db]
+        p = deployed.dnsguard(*args, check=False)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert "redirected to dnsguard" in p.stdout
+        assert "answered by dnsguard (logged from 127.255.255.254)" in p.stdout
+        summary = deployed.dnsguard("report", "--db", deployed.db, "--client", "127.255.255.254").stdout
+        assert f"user:{user}" in summary and "dnsguard-doctor.invalid" in summary
+    finally:
+        deployed.dnsguard("firewall", "remove")
+    p = deployed.dnsguard(*args, check=False)
+    assert p.returncode == 1 and "FAIL  agent's resolver" in p.stdout, p.stdout
