@@ -140,7 +140,7 @@ class Lab:
         self.ns(self.inet, "ip", "route", "add", "default", "via", LAB_D)
         self._spawn(self.inet, "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
                     "--bind-interfaces", f"--listen-address={UPSTREAM}", "--port=53", "--pid-file=",
-                    "--conf-file=/dev/null", "--user=root", "--local-ttl=300",
+                    "--conf-file=/dev/null", "--user=root", "--local-ttl=300", "--local=/test/",
                     f"--host-record=allowed.test,{WEB_ALLOWED}", f"--host-record=other.test,{WEB_OTHER}")
         web = self.tmp / "www"
         web.mkdir()
