@@ -140,7 +140,7 @@ class App:
 
             self.querylog = ProcessLog(cfg.log.database, queue_max=cfg.log.queue_max,
                                        retention_days=cfg.log.retention_days,
-                                       docker_socket=docker_socket(cfg.docker.socket))
+                                       docker_socket=cfg.docker.socket)
             self.querylog.start()
             # Every policy served is kept, so `dnsguard policy rollback` can restore it byte for byte.
             record_policy(cfg.log.database, cfg.text, cfg.sha256, cfg.path)
@@ -172,22 +172,13 @@ class App:
                         await task
                 if self.feeder is not None:
                     self.feeder.close()
+                self.notifier.close()
             finally:
                 if self.querylog is not None:
                     # Drain off the loop thread: the writer may need a moment to commit.
                     self.querylog.stop_flushing()
                     await asyncio.get_running_loop().run_in_executor(None, self.querylog.close)
         return 0
-
-
-def docker_socket(configured: str) -> str:
-    """The Docker API socket to read container names from; "" = none. The default socket is
-    used only when it exists (a host without Docker never tries); a configured one always."""
-    from resolver.policy.config import DockerSettings
-
-    if configured == DockerSettings.socket and not os.path.exists(configured):
-        return ""
-    return configured
 
 
 def raise_fd_limit() -> None:

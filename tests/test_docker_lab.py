@@ -147,6 +147,11 @@ class Lab:
         (web / "index.html").write_text("hello from the internet\n")
         self._spawn(self.inet, sys.executable, "-m", "http.server", "80", "--bind", "0.0.0.0", "--directory",
                     str(web))
+        self.write_policy()
+        # Boot order, as dnsguard-fence.service (and its Docker drop-in) does it: the fence
+        # goes in before Docker starts, into a DOCKER-USER chain made for it, which Docker keeps.
+        self.ns(self.dns, "iptables", "-w", "-N", "DOCKER-USER")
+        self.dnsguard("firewall", "apply", "--policy", str(self.policy), "--source", SUBNET)
         self._start_dockerd()
         # the agent image: busybox-static, imported, never pulled
         rootfs = self.tmp / "rootfs.tar"
@@ -156,6 +161,16 @@ class Lab:
         self.docker("network", "create", "--subnet", SUBNET, "--gateway", GATEWAY, "openclaw-fenced")
         wait_until(lambda: self.ns(self.inet, "bash", "-c", f"exec 3<>/dev/tcp/{WEB_ALLOWED}/80", check=False)
                    .returncode == 0, 10, what="the lab's web server")
+
+    def write_policy(self) -> None:
+        """`dnsguard init --preset openclaw`, pointed at the lab's upstream, test names and socket."""
+        self.dnsguard("init", "--preset", "openclaw", "--mode", "enforce", "-o", str(self.policy))
+        text = self.policy.read_text()
+        text = text.replace('# servers = ["192.0.2.53:53"]', f'servers = ["{UPSTREAM}:53"]')
+        text = text.replace('  "api.anthropic.com",', '  "allowed.test",\n  "api.anthropic.com",')
+        text = text.replace('socket = "/var/run/docker.sock"', f'socket = "{self.sock}"')
+        text = text.replace('database = "dnsguard.db"', f'database = "{self.db}"')
+        self.policy.write_text(text)
 
     def _spawn(self, name: str, *argv: str) -> subprocess.Popen:
         log = open(self.tmp / f"{Path(argv[0]).name}-{len(self.procs)}.log", "wb")  # noqa: SIM115
@@ -224,17 +239,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 
 @pytest.fixture(scope="module")
 def deployed(lab: Lab) -> Iterator[Lab]:
-    """dnsguard serving on the fenced network's gateway, the fence applied, the agent running."""
-    r = lab.dnsguard("init", "--preset", "openclaw", "--mode", "enforce", "-o", str(lab.policy))
-    text = lab.policy.read_text()
-    # The lab's upstream, its two test names, and this lab's Docker socket.
-    text = text.replace('# servers = ["192.0.2.53:53"]', f'servers = ["{UPSTREAM}:53"]')
-    text = text.replace('  "api.anthropic.com",', '  "allowed.test",\n  "api.anthropic.com",')
-    text = text.replace('socket = "/var/run/docker.sock"', f'socket = "{lab.sock}"')
-    text = text.replace('database = "dnsguard.db"', f'database = "{lab.db}"')
-    lab.policy.write_text(text)
-    lab.before_fence = lab.save()
-    lab.dnsguard("firewall", "apply", "--policy", str(lab.policy), "--source", SUBNET)
+    """dnsguard serving on the fenced network's gateway, the fence applied (at "boot"), the agent running."""
     with open(lab.tmp / "serve.log", "wb") as log:
         serve = subprocess.Popen(["ip", "netns", "exec", lab.dns, sys.executable, "-m", "resolver", "serve",
                                   "--policy", str(lab.policy)], stdout=subprocess.DEVNULL, stderr=log,
@@ -253,7 +258,14 @@ def deployed(lab: Lab) -> Iterator[Lab]:
         except subprocess.TimeoutExpired:
             serve.kill()
             serve.wait(5)
-        assert r.returncode == 0
+
+
+def test_fence_applied_before_docker_survives_dockers_start(lab: Lab) -> None:
+    rules = lab.ns(lab.dns, "iptables-save", "-t", "filter").stdout.splitlines()
+    forward = [ln for ln in rules if ln.startswith("-A FORWARD ")]
+    user = [ln for ln in rules if ln.startswith("-A DOCKER-USER ")]
+    assert forward[0] == "-A FORWARD -j DOCKER-USER"  # Docker put its jump first ...
+    assert "-j DNSGUARD" in user[0] and user[1:] == ["-A DOCKER-USER -j RETURN"]  # ... and kept ours
 
 
 def http_get(lab: Lab, addr: str) -> Proc:
@@ -314,8 +326,9 @@ def test_doctor_passes_then_fails_without_the_fence_and_remove_restores_docker_r
         "denied name from the agent", "hard-coded address from the agent"}
 
     deployed.dnsguard("firewall", "remove")
-    # Docker's own rules exactly as they were before the fence
-    assert deployed.save() == deployed.before_fence
+    docker_only = deployed.save()
+    assert "DNSGUARD" not in docker_only and "dnsguard" not in docker_only
+    assert "-A DOCKER-USER -j RETURN" in docker_only.splitlines()
     p = deployed.dnsguard(*args, check=False)
     assert p.returncode == 1, p.stdout
     out = p.stdout
@@ -323,6 +336,12 @@ def test_doctor_passes_then_fails_without_the_fence_and_remove_restores_docker_r
     assert f"fix: `dnsguard firewall apply --policy {deployed.policy} --source {SUBNET}`" in out
     assert re.search(r"FAIL  hard-coded address from the agent: tcp 192\.0\.2\.1:443: timeout", out), out
     assert "PASS  agent's resolver" in out and "NOT fenced" in out
+
+    # apply then remove: Docker's own rules exactly as they were
+    deployed.dnsguard("firewall", "apply", "--policy", str(deployed.policy), "--source", SUBNET)
+    assert deployed.save() != docker_only
+    deployed.dnsguard("firewall", "remove")
+    assert deployed.save() == docker_only
 
 
 def test_native_user_fenced_doctor_and_report_show_the_user(deployed: Lab) -> None:

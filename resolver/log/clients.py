@@ -101,12 +101,21 @@ class DockerAPI:
         return self.call("GET", f"/containers/{urllib.parse.quote(name, safe='')}/json")
 
     def events(self, types: Sequence[str] = ("container", "network")) -> Iterator[dict]:
-        """Docker's event stream, one dict per event, until the daemon closes it."""
+        """Docker's event stream, one dict per event, until the daemon closes it.
+
+        Subscribed when this returns (not at the first ``next``), so a caller can list the
+        containers next and miss nothing that happens in between.
+        """
         query = urllib.parse.urlencode({"filters": json.dumps({"type": list(types)})})
         conn, resp = self._request("GET", f"/events?{query}", timeout=None)
+        if resp.status >= 400:
+            conn.close()
+            raise DockerError(f"Docker API /events: {resp.status}")
+        return self._stream(conn, resp)
+
+    @staticmethod
+    def _stream(conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> Iterator[dict]:
         try:
-            if resp.status >= 400:
-                raise DockerError(f"Docker API /events: {resp.status}")
             while True:
                 line = resp.readline()
                 if not line:

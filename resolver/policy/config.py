@@ -71,8 +71,8 @@ class FirewallSettings:
 
 @dataclass(frozen=True)
 class DockerSettings:
-    # Docker Engine API socket for container names in the log; "" = never ask Docker.
-    # The default is used only when that socket exists.
+    # Docker Engine API socket for container names in the log; "" = never ask Docker. The log
+    # writer looks for it now and then (backing off to every 30 s) until it exists.
     socket: str = "/var/run/docker.sock"
 
 
