@@ -172,6 +172,7 @@ class App:
                         await task
                 if self.feeder is not None:
                     self.feeder.close()
+                self.resolver.upstream.close()
                 self.notifier.close()
             finally:
                 if self.querylog is not None:
@@ -182,7 +183,7 @@ class App:
 
 
 def raise_fd_limit() -> None:
-    """Every upstream query holds a socket: take all the file descriptors we are allowed."""
+    """TCP clients and upstream sockets hold descriptors: take all the file descriptors we are allowed."""
     try:
         import resource
 

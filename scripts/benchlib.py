@@ -460,8 +460,9 @@ def write_hosts(path: Path, n: int) -> None:
     path.chmod(0o644)
 
 
-def write_unbound_conf(path: Path, port: int, n_allowed: int, workdir: Path) -> None:
-    lines = [
+def _unbound_server(port: int, workdir: Path, logfile: str) -> list[str]:
+    """The `server:` lines every bench unbound shares: one thread, loopback only, no daemon."""
+    return [
         "server:",
         "  verbosity: 0",
         "  num-threads: 1",
@@ -474,10 +475,16 @@ def write_unbound_conf(path: Path, port: int, n_allowed: int, workdir: Path) -> 
         '  pidfile: ""',
         f'  directory: "{workdir}"',
         "  use-syslog: no",
-        f'  logfile: "{workdir / "unbound.log"}"',
+        f'  logfile: "{workdir / logfile}"',
         "  access-control: 127.0.0.0/8 allow",
         '  module-config: "iterator"',
         "  so-reuseport: no",
+    ]
+
+
+def write_unbound_conf(path: Path, port: int, n_allowed: int, workdir: Path) -> None:
+    lines = [
+        *_unbound_server(port, workdir, "unbound.log"),
         # Nothing outside the local zones is ever resolved: no traffic leaves loopback.
         '  local-zone: "." refuse',
         '  local-zone: "allowed.test." static',
@@ -491,6 +498,26 @@ def write_unbound_conf(path: Path, port: int, n_allowed: int, workdir: Path) -> 
         lines.append(f'  local-data: "{name}. 3600 IN A {v4}"')
         lines.append(f'  local-data: "{name}. 3600 IN AAAA {v6}"')
     lines += ["remote-control:", "  control-enable: no", ""]
+    path.write_text("\n".join(lines))
+
+
+def write_unbound_forwarder_conf(path: Path, port: int, upstream_port: int, workdir: Path) -> None:
+    """unbound as a pure forwarder to 127.0.0.1:upstream_port (the bench's upstream dnsmasq)."""
+    lines = [
+        *_unbound_server(port, workdir, "unbound-fwd.log"),
+        # .test is a locally served zone by default in unbound; forward it like any name.
+        '  local-zone: "test." nodefault',
+        "  do-not-query-localhost: no",
+        "  qname-minimisation: no",
+        "  harden-referral-path: no",
+        "  target-fetch-policy: \"0 0 0 0 0\"",
+        "forward-zone:",
+        '  name: "."',
+        f"  forward-addr: 127.0.0.1@{upstream_port}",
+        "remote-control:",
+        "  control-enable: no",
+        "",
+    ]
     path.write_text("\n".join(lines))
 
 

@@ -41,3 +41,30 @@ def test_subpackages_say_what_they_own() -> None:
         text = init.read_text()
         assert text.lstrip().startswith('"""'), f"{init} has no docstring"
         assert "import" in text.lower().split('"""')[1], f"{init}'s docstring does not say what it may import"
+
+
+def _readme_map() -> dict[str, list[str]]:
+    """The README's design table: subpackage -> the modules its row names."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    rows: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        m = re.match(r"\| \d \| `resolver/(\w+)/` \| (.*) \|$", line)
+        if m:
+            rows[m.group(1)] = re.findall(r"`(\w+/?)`", m.group(2))
+    return rows
+
+
+def test_readme_map_matches_the_tree() -> None:
+    rows = _readme_map()
+    packages = sorted(p.parent.name for p in (ROOT / "resolver").glob("*/__init__.py"))
+    assert sorted(rows) == packages
+    for pkg, named in rows.items():
+        base = ROOT / "resolver" / pkg
+        for name in named:
+            assert (base / f"{name}.py").is_file() or (base / name).is_dir(), f"README names {pkg}/{name}"
+        present = {p.stem for p in base.glob("*.py") if p.stem != "__init__"}
+        present |= {p.parent.name + "/" for p in base.glob("*/__init__.py")}
+        missing = present - {n.rstrip("/") if (base / f"{n.rstrip('/')}.py").is_file() else n for n in named}
+        assert not missing, f"README's row for resolver/{pkg}/ does not mention {sorted(missing)}"

@@ -53,9 +53,10 @@ _MAX_DECISIONS = 262_144
 _MAX_FAST = 16_384
 _FAST_QUERY_MAX = 320  # a question with the longest name (255 octets) and an OPT fits
 _FAST_ANSWER_MAX = 640
-# Upstream exchanges in flight at once (one socket each), and client queries waiting on them.
-# Past these, new misses get SERVFAIL at once instead of piling up sockets, tasks and memory
-# behind a slow or dead upstream (a flood of unique -- or identical -- names).
+# Upstream exchanges in flight at once, and client queries waiting on them. Past these, new
+# misses get SERVFAIL at once instead of piling up tasks and memory behind a slow or dead
+# upstream (a flood of unique -- or identical -- names). UDP exchanges share the pooled
+# sockets (dns/outgoing.py); a TCP retry still holds a socket of its own, hence the fd bound.
 MAX_INFLIGHT = 4096
 MAX_WAITING = 16_384
 
@@ -149,7 +150,13 @@ class Resolver:
     def use(self, config: Config) -> None:
         """Switch to a new policy. Queries already in flight finish under the old one."""
         self.config = config
-        self.upstream = Upstream(config.upstream.servers, config.upstream.timeout)
+        old = getattr(self, "upstream", None)
+        if old is not None and old.servers == tuple(config.upstream.servers):
+            old.timeout = config.upstream.timeout  # keep the socket pools
+        else:
+            self.upstream = Upstream(config.upstream.servers, config.upstream.timeout)
+            if old is not None:
+                old.retire()
         self.cleaner = Cleaner(config.cache.negative_max_ttl, config.allow_cidrs)
         self.cache.max_entries = config.cache.max_entries
         self._views: dict[str, ClientView] = {}

@@ -2,8 +2,9 @@
 
 Every upstream query is built afresh from the parsed question (the client's
 packet is never relayed, so nothing it smuggled in reaches upstream) with a
-random ID from ``os.urandom`` and a fresh socket per query, so the kernel picks
-a random source port. A reply counts only if it comes from the server asked
+random ID from ``os.urandom``, sent on a socket drawn at random from a pool of
+sockets on random source ports that is re-randomised as it is used
+(``outgoing.PortPool``). A reply counts only if it comes from the server asked
 (connected socket), carries our ID, and echoes our question; anything else is
 ignored while we keep waiting, so a spoofed packet cannot end the wait early.
 
@@ -40,8 +41,11 @@ from resolver.core.addrs import is_public, rebinding_filter
 from resolver.core.errors import UpstreamError
 from resolver.core.names import wire_to_text
 from resolver.dns import wire
+from resolver.dns.outgoing import PortPool
 
 HostPort = tuple[str, int]
+# One encoder for every miss: json.dumps with options builds a new JSONEncoder per call.
+_json = json.JSONEncoder(separators=(",", ":")).encode
 _RETRY_RCODES = frozenset((wire.SERVFAIL, wire.REFUSED, wire.NOTIMP, wire.FORMERR))
 _KEEP_AUTHORITY = frozenset((dns.rdatatype.SOA, dns.rdatatype.NSEC, dns.rdatatype.NSEC3,
                              dns.rdatatype.RRSIG))
@@ -55,6 +59,17 @@ class Upstream:
             raise UpstreamError("no upstream servers configured (and none in /etc/resolv.conf)")
         self.servers = tuple(servers)
         self.timeout = timeout
+        self.pools = {server: PortPool(server, _matches) for server in self.servers}
+
+    def close(self) -> None:
+        """Close the pooled sockets (queries still waiting on them are cancelled)."""
+        for pool in self.pools.values():
+            pool.close()
+
+    def retire(self) -> None:
+        """Replaced by another Upstream: close each socket once its waiting queries are done."""
+        for pool in self.pools.values():
+            pool.retire()
 
     async def query(self, question: bytes, name_len: int, do: int) -> bytes:
         """Resolve ``question`` (lower-cased name + type + class); return the raw reply."""
@@ -71,9 +86,11 @@ class Upstream:
             qid = os.urandom(2)
             packet = wire.build_query(qid, question, do)
             try:
-                async with asyncio.timeout(budget):
-                    reply = await _udp(server, packet, qid, question, name_len)
-                    if reply[2] & 0x02:  # TC: the full answer only fits over TCP
+                # The pool keeps its own deadline (one timer, no timeout scope: this is per miss).
+                until = loop.time() + budget
+                reply = await self.pools[server].exchange(packet, question, name_len, until)
+                if reply[2] & 0x02:  # TC: the full answer only fits over TCP
+                    async with asyncio.timeout_at(until):
                         reply = await _tcp(server, packet, qid, question, name_len)
             except TimeoutError:
                 reasons.append(f"{_fmt(server)}: timeout")
@@ -100,19 +117,6 @@ def _matches(reply: bytes, qid: bytes, question: bytes, name_len: int) -> bool:
             and reply[4:6] == b"\x00\x01"
             and reply[12:12 + name_len].lower() == question[:name_len]
             and reply[12 + name_len:qend] == question[name_len:])
-
-
-async def _udp(server: HostPort, packet: bytes, qid: bytes, question: bytes, name_len: int) -> bytes:
-    loop = asyncio.get_running_loop()
-    family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        sock.setblocking(False)
-        sock.connect(server)  # connected: the kernel drops datagrams from anyone else
-        await loop.sock_sendall(sock, packet)
-        while True:  # bounded by the caller's timeout
-            reply = await loop.sock_recv(sock, 65535)
-            if _matches(reply, qid, question, name_len):
-                return reply
 
 
 async def _tcp(server: HostPort, packet: bytes, qid: bytes, question: bytes, name_len: int) -> bytes:
@@ -256,7 +260,7 @@ class Cleaner:
         dropped = drop + _count_additional(reply)
         return Cleaned(rcode, an, ns, 0, body, offsets, ttls,
                        self._cache_ttl(rcode, an, ttls, soa_ttl if keep else -1),
-                       json.dumps(chain, separators=(",", ":")) if chain else None, tuple(addrs), dropped)
+                       _json(chain) if chain else None, tuple(addrs), dropped)
 
     def _cache_ttl(self, rcode: int, an: int, ttls: list[int], soa_ttl: int) -> int:
         if rcode == wire.NOERROR and an:

@@ -214,10 +214,11 @@ COMPOSE_FILES = ("docker-compose.dnsguard.yml",)
 
 
 def shipped(relpath: str) -> str:
-    """The text of one file under ``resolver/deploy`` (the repository's ``deploy/``)."""
+    """The text of one file under ``resolver/deploy`` (the repository's ``deploy/``): package
+    data of ``resolver``, so the installed copy and the repository's are the same bytes."""
     from importlib.resources import files
 
-    node = files("resolver.deploy")
+    node = files("resolver").joinpath("deploy")
     for part in relpath.split("/"):
         node = node.joinpath(part)
     return node.read_text(encoding="utf-8")

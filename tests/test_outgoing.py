@@ -1,0 +1,193 @@
+"""The outgoing socket pool against a real UDP responder on loopback: random, moving source
+ports; replies matched by ID *and* question on shared sockets; sockets closed when retired."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+
+import dns.message
+import dns.rrset
+import pytest
+
+from resolver.dns import outgoing, wire
+from resolver.dns.outgoing import PortPool
+from resolver.dns.upstream import Upstream, _matches
+
+
+class Responder:
+    """Answers every A query with 192.0.2.<n>; records the source port of each query.
+
+    ``decoy`` first sends a reply with the right ID and the wrong question (a spoof that
+    guessed the ID and the port), then the real one.
+    """
+
+    def __init__(self, decoy: bool = False) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        # A burst of hundreds of queries must not overflow the responder's buffer (UDP drops).
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.decoy = decoy
+        self.sources: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, addr = self.sock.recvfrom(4096)
+            except (TimeoutError, OSError):
+                continue
+            self.sources.append(addr[1])
+            q = dns.message.from_wire(data)
+            if self.decoy:
+                other = dns.message.make_query("decoy.out.test.", "A")
+                other.id = q.id
+                fake = dns.message.make_response(other)
+                fake.answer.append(dns.rrset.from_text("decoy.out.test.", 60, "IN", "A", "203.0.113.66"))
+                self.sock.sendto(fake.to_wire(), addr)
+            r = dns.message.make_response(q)
+            n = int(q.question[0].name.labels[0][1:]) % 250 + 1
+            r.answer.append(dns.rrset.from_text(q.question[0].name, 60, "IN", "A", f"192.0.2.{n}"))
+            self.sock.sendto(r.to_wire(), addr)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture
+def responder() -> Iterator[Responder]:
+    r = Responder()
+    yield r
+    r.close()
+
+
+def question(i: int) -> tuple[bytes, int]:
+    name = dns.name.from_text(f"q{i}.out.test.").to_wire()
+    return name + struct.pack(">HH", 1, 1), len(name)
+
+
+def answer_of(reply: bytes) -> str:
+    return dns.message.from_wire(reply).answer[0][0].address
+
+
+async def ask(pool: PortPool, i: int) -> bytes:
+    q, n = question(i)
+    packet = wire.build_query(os.urandom(2), q, 0)
+    return await pool.exchange(packet, q, n, asyncio.get_running_loop().time() + 3)
+
+
+async def test_queries_go_out_on_many_ports_that_keep_changing(responder):
+    pool = PortPool(("127.0.0.1", responder.port), _matches, size=8, uses=4)
+    try:
+        for i in range(64):
+            assert answer_of(await ask(pool, i)) == f"192.0.2.{i % 250 + 1}"
+        # 64 queries, 4 per socket: at least 16 sockets, each on its own random port.
+        assert pool.opened >= 16
+        assert len(set(responder.sources)) >= 12
+        low, high = outgoing._LOW, outgoing._HIGH
+        assert all(low <= p <= high for p in responder.sources)
+        # Never one fixed port, and not a run of consecutive ports either.
+        ports = sorted(set(responder.sources))
+        assert sum(1 for a, b in zip(ports, ports[1:], strict=False) if b - a == 1) < len(ports) // 2
+    finally:
+        pool.close()
+
+
+async def test_concurrent_queries_on_shared_sockets_each_get_their_own_answer(responder):
+    pool = PortPool(("127.0.0.1", responder.port), _matches, size=4)
+    try:
+        replies = await asyncio.gather(*(ask(pool, i) for i in range(300)))
+        assert [answer_of(r) for r in replies] == [f"192.0.2.{i % 250 + 1}" for i in range(300)]
+        assert pool.opened == 4
+    finally:
+        pool.close()
+
+
+async def test_a_reply_with_our_id_but_another_question_is_ignored():
+    r = Responder(decoy=True)
+    pool = PortPool(("127.0.0.1", r.port), _matches, size=2)
+    try:
+        for i in range(20):
+            assert answer_of(await ask(pool, i)) == f"192.0.2.{i % 250 + 1}"
+    finally:
+        pool.close()
+        r.close()
+
+
+async def test_a_silent_server_times_out_at_the_deadline_and_forgets_the_query():
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    pool = PortPool(silent.getsockname(), _matches, size=2)
+    try:
+        q, n = question(1)
+        loop = asyncio.get_running_loop()
+        with pytest.raises(TimeoutError):
+            await pool.exchange(wire.build_query(b"\x12\x34", q, 0), q, n, loop.time() + 0.2)
+        assert all(not p.pending for p in pool.ports if p is not None)
+    finally:
+        pool.close()
+        silent.close()
+
+
+async def test_retired_sockets_close_once_their_queries_are_done(responder):
+    up = Upstream((("127.0.0.1", responder.port),), 2.0)
+    pool = up.pools[("127.0.0.1", responder.port)]
+    await ask(pool, 1)
+    pending = asyncio.ensure_future(ask(pool, 2))
+    await asyncio.sleep(0)  # the query is sent and waiting
+    socks = [p.sock for p in pool.ports if p is not None]
+    assert socks and any(p.pending for p in pool.ports if p is not None)
+    up.retire()
+    assert all(p is None for p in pool.ports)
+    assert answer_of(await pending) == "192.0.2.3"
+    assert all(s.fileno() == -1 for s in socks)
+    # A query still failing over to this retired pool gets a one-off socket, closed after it.
+    await ask(pool, 3)
+    assert pool.opened == len(socks) + 1
+    assert all(p is None for p in pool.ports)
+    up.close()
+
+
+async def test_reload_keeps_the_pool_when_the_servers_are_the_same(responder):
+    from resolver.dns.chain import Resolver
+    from resolver.policy.config import parse_config
+
+    text = f'[upstream]\nservers = ["127.0.0.1:{responder.port}"]\n[allow]\ndomains = ["*.out.test"]\n'
+    res = Resolver(parse_config(text))
+    first = res.upstream
+    res.use(parse_config(text))
+    assert res.upstream is first
+    other = Responder()
+    try:
+        res.use(parse_config(text.replace(str(responder.port), str(other.port))))
+        assert res.upstream is not first
+        assert all(p is None for pool in first.pools.values() for p in pool.ports)
+    finally:
+        res.upstream.close()
+        other.close()
+
+
+async def test_two_queries_with_the_same_id_on_one_socket_do_not_collide(responder):
+    pool = PortPool(("127.0.0.1", responder.port), _matches, size=1)
+    try:
+        loop = asyncio.get_running_loop()
+        (q1, n1), (q2, n2) = question(1), question(2)
+        same_id = b"\x77\x77"
+        both = await asyncio.gather(
+            pool.exchange(wire.build_query(same_id, q1, 0), q1, n1, loop.time() + 3),
+            pool.exchange(wire.build_query(same_id, q2, 0), q2, n2, loop.time() + 3))
+        assert [answer_of(r) for r in both] == ["192.0.2.2", "192.0.2.3"]
+        # The second went out on a one-off socket, closed once answered.
+        assert pool.opened == 2 and sum(p is not None for p in pool.ports) == 1
+    finally:
+        pool.close()
