@@ -348,6 +348,8 @@ class QueryLog:
         conn.executemany(_ROLLUP_UPSERT, [(*key, *agg) for key, agg in rollup.items()])
         labels = self._label(conn, rollup) if self.namer is not None else {}
         conn.commit()
+        if len(self._labels) + len(labels) > ID_CACHE_MAX:
+            self._labels.clear()  # a miss reads the open label back from the table
         self._labels.update(labels)
         # Ids minted inside the transaction are only real once it has committed.
         for cache, new in ((self._names, new_names), (self._clients, new_clients),
@@ -414,13 +416,14 @@ class QueryLog:
         return out
 
     def _label(self, conn: sqlite3.Connection, rollup: dict[tuple, list]) -> dict[int, str | None]:
-        """Open or close ``client_labels`` intervals for the batch's clients whose name changed."""
+        """Open or close ``client_labels`` intervals for the batch's clients whose name changed;
+        returns every batch client's name, for the cache once the transaction has committed."""
         firsts: dict[int, float] = {}
         for key, agg in rollup.items():
             cid = key[4]
             if cid != ROLLUP_NULL and (cid not in firsts or agg[1] < firsts[cid]):
                 firsts[cid] = agg[1]
-        changed: dict[int, str | None] = {}
+        names: dict[int, str | None] = {}
         namer = self.namer
         assert namer is not None
         for cid, first in firsts.items():
@@ -440,8 +443,8 @@ class QueryLog:
                 if name is not None:
                     conn.execute("INSERT INTO client_labels (client_id, name, since) VALUES (?, ?, ?)",
                                  (cid, name, first))
-            changed[cid] = name
-        return changed
+            names[cid] = name
+        return names
 
     def _map(self, conn: sqlite3.Connection, middle: tuple, new_names: dict, new_clients: dict,
              new_rules: dict) -> tuple[tuple, tuple, int]:
