@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from resolver.core.errors import DnsguardError
+from resolver.core.notify import Notifier
 from resolver.dns.chain import Resolver
 from resolver.dns.server import DnsServer
 from resolver.policy.config import Config, load_config, resolv_conf_servers, without_self
@@ -117,6 +118,7 @@ class App:
         self.dnstap: Any = None
         self.reloads = {"ok": 0, "rejected": 0}
         self.server: DnsServer | None = None
+        self.notifier = Notifier()
         self._mtime = self._stat()
         self._reloading: asyncio.Task | None = None
         self._reload_again: str | None = None
@@ -135,6 +137,8 @@ class App:
         if self._reloading is not None:
             self._reload_again = reason
             return
+        # systemd holds `systemctl reload` until READY=1 follows RELOADING=1, accepted or not.
+        self.notifier.reloading()
         self._reloading = asyncio.get_running_loop().create_task(self._reload(reason))
 
     async def _reload(self, reason: str) -> None:
@@ -146,6 +150,7 @@ class App:
                 reason, self._reload_again = self._reload_again, None
         finally:
             self._reloading = None
+            self.notifier.ready(f"policy mode {self.config.mode}, {self.config.matcher.rule_count} rules")
 
     def _load_new(self) -> Config:
         """Worker thread: read, parse and compile the policy file."""
@@ -232,13 +237,20 @@ class App:
                 self.reload("file changed")
             seen = now
 
+    async def _watchdog(self, interval: float) -> None:
+        # A ping from the event loop itself: a wedged loop stops pinging and systemd restarts us.
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
     async def main(self) -> int:
         cfg = self.config
         if cfg.log.enabled:
             from resolver.log.logproc import ProcessLog
 
             self.querylog = ProcessLog(cfg.log.database, queue_max=cfg.log.queue_max,
-                                       retention_days=cfg.log.retention_days, max_size_mb=cfg.log.max_size_mb)
+                                       retention_days=cfg.log.retention_days, max_size_mb=cfg.log.max_size_mb,
+                                       docker_socket=cfg.docker.socket)
             self.querylog.start()
             # Every policy served is kept, so `dnsguard policy rollback` can restore it byte for byte.
             record_policy(cfg.log.database, cfg.text, cfg.sha256, cfg.path)
@@ -258,18 +270,27 @@ class App:
             tap = self.dnstap.sink
         self.resolver = Resolver(cfg, submit=submit, feeder=self.feeder, tap=tap)
         self._started = cfg
-        server = self.server = DnsServer(cfg, self.resolver, on_reload=self.reload, tap=tap)
-        watcher = None
+        server = self.server = DnsServer(cfg, self.resolver, on_reload=self.reload, tap=tap,
+                                        on_stop=self.notifier.stopping)
+        tasks: list[asyncio.Task] = []
         try:
             if cfg.metrics.listen is not None:
                 self.resolver.counts = {}
                 self._start_metrics()
             await server.start()
-            watcher = asyncio.get_running_loop().create_task(self._watch())
+            loop = asyncio.get_running_loop()
+            tasks.append(loop.create_task(self._watch()))
+            if self.notifier.watchdog_interval is not None:
+                tasks.append(loop.create_task(self._watchdog(self.notifier.watchdog_interval)))
+            listening = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in server.bound)
+            # READY=1 only once serve_forever has its signal handlers: systemd may send SIGHUP
+            # the moment it reads READY, and before the handler that signal would kill us.
+            loop.call_soon(self.notifier.ready, f"listening on {listening}; policy mode {cfg.mode}, "
+                                                f"{cfg.matcher.rule_count} rules")
             await server.serve_forever()
         finally:
             try:
-                for task in (watcher, self._reloading):
+                for task in (*tasks, self._reloading):
                     if task is not None:
                         task.cancel()
                         with contextlib.suppress(BaseException):
@@ -281,6 +302,7 @@ class App:
                     self.metrics.stop()
                 if self.dnstap is not None:
                     await asyncio.get_running_loop().run_in_executor(None, self.dnstap.stop)
+                self.notifier.close()
             finally:
                 self.resolver.close()  # rate-limit counts still held become rows before the drain
                 if self.querylog is not None:

@@ -38,6 +38,7 @@ from netns import (
     wait_until,
 )
 
+from resolver.core.addrs import user_source
 from resolver.fence import firewall as fw
 from resolver.fence.ipsets import SetFeeder
 from resolver.fence.nflog import NflogRecorder
@@ -432,9 +433,10 @@ def test_user_mode_redirects_dns_from_loopback(topo, servers, dnsmasq, router, s
     assert p.returncode == 0 and "tcp-ok" in p.stdout, p
     wait_until(lambda: len(srv.seen) >= 3, 5, what="redirected queries to arrive")
     seen = {(proto, where.rsplit(":", 1)[0], peer[0]) for proto, where, peer in srv.seen}
-    # source rewritten to loopback, so the default [server] clients accepts it
-    assert ("udp", "127.0.0.1", "127.0.0.1") in seen
-    assert ("tcp", "127.0.0.1", "127.0.0.1") in seen
+    # source rewritten to a loopback address naming the user (127.255.<uid>), so the default
+    # [server] clients accepts it and the log can say whose lookup it was
+    assert ("udp", "127.0.0.1", user_source(NOBODY)) in seen
+    assert ("tcp", "127.0.0.1", user_source(NOBODY)) in seen
     assert ("udp", "::1", "::1") in seen
     # root's DNS still goes where it was sent
     q = dns.message.make_query("allowed.test", "A")

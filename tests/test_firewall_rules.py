@@ -13,6 +13,7 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
+from resolver.core.addrs import uid_from_source, user_source
 from resolver.core.names import text_to_wire
 from resolver.fence import firewall as fw
 from resolver.fence.ipsets import IPSET_MAX_TIMEOUT, addresses_in_answer, timeout_bounds
@@ -133,7 +134,9 @@ def test_user_mode_rules_and_dns_redirect() -> None:
     assert ("-A DNSGUARD-DNS -p udp -m owner --uid-owner 1000 -m udp --dport 53 -j DNAT --to-destination "
             "127.0.0.1:5353") in nat
     assert ("-A DNSGUARD-SNAT -d 127.0.0.1 -p tcp -m owner --uid-owner 1000 -m conntrack --ctstate DNAT "
-            "--ctorigdstport 53 -j SNAT --to-source 127.0.0.1") in nat
+            "--ctorigdstport 53 -j SNAT --to-source 127.255.3.232") in nat  # uid 1000 = 3 * 256 + 232
+    assert uid_from_source("127.255.3.232") == 1000 and user_source(1000) == "127.255.3.232"
+    assert uid_from_source("127.0.0.1") is None and user_source(70000) is None
     jumps = [ln.split(" -m comment")[0] for ln in nat if ln.startswith("-I")]
     assert jumps == ["-I OUTPUT 1", "-I POSTROUTING 1"]
     t6 = fw.fence_rules(spec, 6)

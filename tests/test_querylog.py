@@ -23,8 +23,8 @@ from resolver.log.schema import SCHEMA_VERSION
 # which may deschedule the test for a while, from failing it.
 SUBMITS_WHILE_LOCKED = 300
 BUSY_BOUND = min(1.0, SUBMITS_WHILE_LOCKED * schema.BUSY_TIMEOUT_S / 15)
-CONTRACT_COLUMNS = ["id", "ts", "time", "client", "transport", "qname", "qtype", "verdict", "mode",
-                    "rule", "rcode", "answers", "cached", "latency_ms", "note"]
+CONTRACT_COLUMNS = ["id", "ts", "time", "client", "client_name", "transport", "qname", "qtype", "verdict",
+                    "mode", "rule", "rcode", "answers", "cached", "latency_ms", "note"]
 
 
 def rec(i: int = 0, *, ts: float | None = None, name: str | None = "pypi.org", client: str = "127.0.0.1",
@@ -120,8 +120,8 @@ def test_view_decodes_contract_columns(db_path: Path) -> None:
     first, malformed, dropped, unknown_type = rows
     assert first == {
         "id": first["id"], "ts": t, "time": "2023-11-14T22:13:20.250Z", "client": "::1",
-        "transport": "tcp", "qname": "files.pythonhosted.org", "qtype": "HTTPS", "verdict": "allow",
-        "mode": "audit", "rule": "*.pythonhosted.org", "rcode": "NOERROR",
+        "client_name": None, "transport": "tcp", "qname": "files.pythonhosted.org", "qtype": "HTTPS",
+        "verdict": "allow", "mode": "audit", "rule": "*.pythonhosted.org", "rcode": "NOERROR",
         "answers": '["151.101.1.63"]', "cached": 1, "latency_ms": 0.25, "note": None,
     }
     assert malformed["qname"] is None and malformed["qtype"] is None and malformed["verdict"] is None
@@ -430,3 +430,38 @@ def test_schema_has_integer_indexes_and_future_tables(db_path: Path) -> None:
         info = sorted(conn.execute("PRAGMA table_info(lookup_rollup)"), key=lambda r: r[5])
     pk = [r[1] for r in info if r[5]]
     assert pk == ["hour", *schema.ROLLUP_COLUMNS]
+
+
+def test_client_names_follow_the_address_over_time(db_path: Path) -> None:
+    """Schema 3: each lookup shows the name its address had when it asked (containers come and go)."""
+    names = {"172.29.53.2": "openclaw-gateway"}
+    asked: list[str] = []
+
+    def namer(addr: str) -> str | None:
+        asked.append(addr)
+        return names.get(addr)
+
+    log = QueryLog(str(db_path), namer=namer)
+    log.start()
+    t = 1_700_000_000.0
+    log.submit(rec(ts=t, client="172.29.53.2"))
+    log.submit(rec(ts=t + 1, client="172.29.53.2"))
+    log.submit(rec(ts=t + 1, client="127.0.0.1"))
+    wait_until(lambda: log.written == 3, 5, what="the first batch")
+    names["172.29.53.2"] = "sandbox-1"  # the gateway went, a sandbox got its address
+    log.submit(rec(ts=t + 10, client="172.29.53.2"))
+    wait_until(lambda: log.written == 4, 5, what="the second batch")
+    del names["172.29.53.2"]
+    log.submit(rec(ts=t + 20, client="172.29.53.2"))
+    assert log.close()
+    with closing(sqlite3.connect(db_path)) as conn:
+        got = conn.execute("SELECT ts - ?, client, client_name FROM lookups ORDER BY ts, client",
+                           (t,)).fetchall()
+        labels = conn.execute("SELECT name, since - ?, until - ? FROM client_labels ORDER BY since",
+                              (t, t)).fetchall()
+    assert got == [(0, "172.29.53.2", "openclaw-gateway"), (1, "127.0.0.1", None),
+                   (1, "172.29.53.2", "openclaw-gateway"), (10, "172.29.53.2", "sandbox-1"),
+                   (20, "172.29.53.2", None)]
+    assert labels == [("openclaw-gateway", 0, 10), ("sandbox-1", 10, 20)]
+    # asked once per client per batch, not once per lookup
+    assert asked.count("172.29.53.2") <= 3 + 1

@@ -140,7 +140,9 @@ def check(name: str | None, policy_path: str | None, client: str) -> None:
 
 def _register() -> None:
     # Command groups live beside the library code they wrap; the CLI only collects them.
+    from resolver.cli.doctor import doctor
     from resolver.cli.firewall import firewall
+    from resolver.cli.init import init
     from resolver.cli.learn import learn, policy
     from resolver.cli.report import report
 
@@ -148,6 +150,8 @@ def _register() -> None:
     main.add_command(learn)
     main.add_command(policy)
     main.add_command(firewall)
+    main.add_command(init)
+    main.add_command(doctor)
 
 
 _register()

@@ -116,8 +116,10 @@ def _num(n: int) -> str:
     return f"{n:,}"
 
 
-def _clients_cell(clients: Sequence[str], count: int, show: int = 3) -> str:
-    shown = ", ".join(clients[:show])
+def _clients_cell(clients: Sequence[str], count: int, show: int = 3,
+                  names: dict[str, str] | None = None) -> str:
+    # A container's (or fenced user's) name says more than its address; the address is in the JSON.
+    shown = ", ".join((names or {}).get(c, c) for c in clients[:show])
     return f"{shown} +{count - show}" if count > show else shown
 
 
@@ -238,6 +240,7 @@ def _summary_csv(data: dict) -> str:
 
 def _summary_table(data: dict, colour: bool) -> list[str]:
     t = data["totals"]
+    cn = data["client_names"]
     lines = _head_lines(data, colour)
     share = f" ({t['deny'] / t['lookups']:.1%})" if t["lookups"] else ""
     lines += [
@@ -256,20 +259,21 @@ def _summary_table(data: dict, colour: bool) -> list[str]:
         lines += ["", _style(title, colour, bold=True)]
         rows = [[_num(r["count"]), _num(r["enforce"]), _num(r["audit"]), r["name"], _rules_cell(r["rules"]),
                  _human(r["first_seen"]), _human(r["last_seen"]),
-                 _clients_cell(r["clients"], r["client_count"])] for r in data[key]]
+                 _clients_cell(r["clients"], r["client_count"], names=cn)] for r in data[key]]
         lines += _table(["COUNT", "ENFORCE", "AUDIT", "NAME", "RULE", "FIRST SEEN", "LAST SEEN", "CLIENTS"],
                         rows, right={0, 1, 2}, colour=colour)
     if data["upstream_failures"]:
         lines += ["", _style("Allowed lookups that failed upstream (SERVFAIL / NXDOMAIN)", colour, bold=True)]
         rows = [[_num(r["count"]), r["rcode"], r["name"], _human(r["first_seen"]), _human(r["last_seen"]),
-                 _clients_cell(r["clients"], r["client_count"])] for r in data["upstream_failures"]]
+                 _clients_cell(r["clients"], r["client_count"], names=cn)] for r in data["upstream_failures"]]
         lines += _table(["COUNT", "RCODE", "NAME", "FIRST SEEN", "LAST SEEN", "CLIENTS"], rows,
                         right={0}, colours={1: _rcode_style}, colour=colour)
     if data["blocked_connections"]:
         lines += ["", _style("Blocked connections", colour, bold=True)]
         rows = [[_num(r["count"]), r["destination"] or "-", f"{r['protocol'] or '-'}/{r['port'] or '-'}",
                  r["name"] or "-", _human(r["first_seen"]), _human(r["last_seen"]),
-                 _clients_cell(r["sources"], len(r["sources"]))] for r in data["blocked_connections"]]
+                 _clients_cell(r["sources"], len(r["sources"]), names=cn)]
+                for r in data["blocked_connections"]]
         lines += _table(["COUNT", "DESTINATION", "PORT", "NAME", "FIRST SEEN", "LAST SEEN", "SOURCES"], rows,
                         right={0}, colour=colour)
     lines += report_conn.egress_lines(data, colour)
@@ -394,6 +398,7 @@ def names_cmd(ctx: click.Context, sort: str, limit: int, fmt: str | None, **kw: 
             click.echo(_csv_text(_NAMES_CSV, rows), nl=False)
             return
         colour = _use_colour()
+        cn = data["client_names"]
         lines = _head_lines(data, colour) + [""]
         if not data["names"]:
             lines.append("no lookups in this window")
@@ -401,7 +406,7 @@ def names_cmd(ctx: click.Context, sort: str, limit: int, fmt: str | None, **kw: 
             rows = [[_num(r["count"]), _num(r["allow"]), _num(r["deny"]), _num(r["audit"]), r["name"],
                      _rules_cell(r["rules"]), " ".join(f"{k}={v}" for k, v in r["rcodes"].items()),
                      _human(r["first_seen"]), _human(r["last_seen"]),
-                     _clients_cell(r["clients"], r["client_count"])] for r in data["names"]]
+                     _clients_cell(r["clients"], r["client_count"], names=cn)] for r in data["names"]]
             lines += _table(["COUNT", "ALLOW", "DENY", "AUDIT", "NAME", "RULE", "RCODES", "FIRST SEEN",
                              "LAST SEEN", "CLIENTS"], rows, right={0, 1, 2, 3}, colour=colour)
             if limit and len(data["names"]) == limit:
@@ -415,7 +420,7 @@ def names_cmd(ctx: click.Context, sort: str, limit: int, fmt: str | None, **kw: 
 _TAIL_HEADERS = ["TIME (UTC)", "CLIENT", "PROTO", "TYPE", "VERDICT", "MODE", "RCODE", "MS", "CACHED",
                  "NAME", "RULE / ANSWERS / NOTE"]
 # Fixed widths so rows printed later by --follow line up with the first screen.
-_TAIL_WIDTHS = [23, 15, 5, 6, 7, 7, 8, 8, 6, 40, 0]
+_TAIL_WIDTHS = [23, 18, 5, 6, 7, 7, 8, 8, 6, 40, 0]
 
 
 def _tail_cells(r: dict) -> list[str]:
@@ -427,7 +432,8 @@ def _tail_cells(r: dict) -> list[str]:
     if r["note"]:
         extra.append(f"({r['note']})")
     return [
-        _human(r["time"], ms=True), r["client"] or "-", r["transport"] or "-", r["qtype"] or "-",
+        _human(r["time"], ms=True), r.get("client_name") or r["client"] or "-", r["transport"] or "-",
+        r["qtype"] or "-",
         r["verdict"] or "-", r["mode"] or "-", r["rcode"] or "DROPPED",
         "-" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}", "yes" if r["cached"] else "",
         r["qname"] or "(unreadable)", " ".join(extra),

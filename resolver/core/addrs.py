@@ -174,3 +174,34 @@ def rebinding_filter(ips: Iterable[T], allowed_cidrs: Iterable[IPNetwork | str] 
             continue
         (kept if allowed and _covered(addr, allowed) else stripped).append(item)
     return kept, stripped
+
+
+# ------------------------------------------------------------------ fenced users' DNS sources
+
+# The user-mode fence redirects a user's DNS to dnsguard and rewrites its source so dnsguard
+# accepts it (DNAT + SNAT). Rewritten to a loopback address that *encodes the uid*,
+# 127.255.<uid high byte>.<uid low byte>, the source itself says whose lookup it was: the log
+# writer turns it back into the user's name, with nothing on the DNS path and no conntrack
+# query. The whole of 127/8 is local on Linux, so replies reach the user's socket as before;
+# the default [server] clients (127.0.0.0/8) covers these sources.
+USER_SOURCE_NET = ipaddress.IPv4Network("127.255.0.0/16")
+_USER_BASE = int(USER_SOURCE_NET.network_address)
+
+
+def user_source(uid: int) -> str | None:
+    """The IPv4 source the fence gives uid's redirected DNS; None when uid does not fit (>= 65535)."""
+    if not 0 < uid < 0xFFFF:
+        return None
+    return str(ipaddress.IPv4Address(_USER_BASE + uid))
+
+
+def uid_from_source(addr: str) -> int | None:
+    """The uid a `user_source` address stands for, else None."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return None
+    if ip.version != 4 or ip not in USER_SOURCE_NET:
+        return None
+    uid = int(ip) - _USER_BASE
+    return uid if 0 < uid < 0xFFFF else None

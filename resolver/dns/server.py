@@ -231,8 +231,10 @@ class DnsServer:
     """Owns the listeners, the resolver, and the background tasks."""
 
     def __init__(self, config: Config, resolver: Resolver, *, announce: Callable[[str], None] | None = None,
-                 on_reload: Callable[[], None] | None = None, tap: Tap | None = None) -> None:
+                 on_reload: Callable[[], None] | None = None, tap: Tap | None = None,
+                 on_stop: Callable[[], None] | None = None) -> None:
         self.config = config
+        self.on_stop = on_stop
         self.resolver = resolver
         self.tap = tap
         self.announce = announce or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -300,6 +302,8 @@ class DnsServer:
             self.announce(f"dnsguard: listening on {_format_listen(host, port)} (udp+tcp)")
 
     def request_stop(self) -> None:
+        if not self._stop.is_set() and self.on_stop is not None:
+            self.on_stop()
         self._stop.set()
 
     async def serve_forever(self) -> None:

@@ -13,6 +13,7 @@ import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from resolver.core.addrs import user_source
 from resolver.core.errors import DnsguardError
 from resolver.fence.conntrack import MARK_ALLOWED, MARK_AUDIT, MARK_MASK
 from resolver.fence.netlink import DEFAULT_SET4, DEFAULT_SET6
@@ -189,6 +190,18 @@ def dns_target(spec: FenceSpec, family: int) -> HostPort | None:
     return None
 
 
+def snat_source(spec: FenceSpec, family: int) -> str | None:
+    """The source user-mode DNS reaches dnsguard from: for an IPv4 loopback target, an address
+    that names the user (`resolver.core.addrs.user_source`), else the target address itself."""
+    target = dns_target(spec, family)
+    if target is None:
+        return None
+    host = target[0]
+    if family == 4 and spec.uid is not None and ipaddress.ip_address(host).is_loopback:
+        return user_source(spec.uid) or host
+    return host
+
+
 def jump_chain(spec: FenceSpec, docker_user: bool) -> str:
     if spec.mode == "user":
         return "OUTPUT"
@@ -270,7 +283,8 @@ def fence_rules(spec: FenceSpec, family: int, *, docker_user: bool = False) -> d
                 nat.append(f"-A {NAT_DNS} -p {proto} -m owner --uid-owner {spec.uid} -m {proto} --dport 53 "
                            f"-j DNAT --to-destination {to}")
                 nat.append(f"-A {NAT_SNAT} -d {host} -p {proto} -m owner --uid-owner {spec.uid} "
-                           f"-m conntrack --ctstate DNAT --ctorigdstport 53 -j SNAT --to-source {host}")
+                           f"-m conntrack --ctstate DNAT --ctorigdstport 53 -j SNAT "
+                           f"--to-source {snat_source(spec, family)}")
             nat.append(f'-I OUTPUT 1 -m comment --comment "{jump_comment(spec)}" -j {NAT_DNS}')
             nat.append(f'-I POSTROUTING 1 -m comment --comment "{jump_comment(spec)}" -j {NAT_SNAT}')
             tables["nat"] = nat
@@ -311,7 +325,7 @@ def notes(spec: FenceSpec, clients: Sequence[IPNetwork] = ()) -> list[str]:
                 out.append(f"dnsguard has no {name} listen address: {spec.user}'s {name} DNS is rejected, "
                            f"not redirected (resolvers fall back to the next nameserver)")
                 continue
-            addr = ipaddress.ip_address(target[0])
+            addr = ipaddress.ip_address(snat_source(spec, family) or target[0])
             if clients and not any(addr.version == n.version and addr in n for n in clients):
                 out.append(f"redirected DNS reaches dnsguard from {addr}: add \"{addr}/"
                            f"{addr.max_prefixlen}\" to [server] clients")

@@ -54,8 +54,9 @@ class ProcessLog:
     """`QueryLog`'s interface (``submit``, ``start``, ``close``, ``overflow``), writer in a child."""
 
     def __init__(self, path: str, *, queue_max: int = 200_000, retention_days: float | None = 30,
-                 max_size_mb: float | None = None) -> None:
+                 max_size_mb: float | None = None, docker_socket: str = "") -> None:
         self.path = str(path)
+        self.docker_socket = docker_socket
         self.queue_max = queue_max
         self.retention_days = retention_days
         self.max_size_mb = max_size_mb
@@ -86,7 +87,7 @@ class ProcessLog:
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "resolver.log.logproc", self.path, str(self.queue_max),
              "" if self.retention_days is None else str(self.retention_days),
-             str(self.max_size_mb or 0)],
+             str(self.max_size_mb or 0), self.docker_socket],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True, start_new_session=True,
             cwd=os.getcwd())
         assert self._proc.stdin is not None
@@ -265,8 +266,8 @@ def _read_exact(stream: Any, n: int) -> bytes:
 
 
 def main(argv: list[str]) -> int:
-    """The writer process: `python -m resolver.log.logproc DB QUEUE_MAX RETENTION_DAYS [MAX_SIZE_MB]`,
-    frames on stdin."""
+    """The writer process, frames on stdin:
+    `python -m resolver.log.logproc DB QUEUE_MAX RETENTION_DAYS [MAX_SIZE_MB [DOCKER_SOCKET]]`."""
     # The server decides when we stop (it sends None, or goes away and we see end-of-file).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -274,6 +275,7 @@ def main(argv: list[str]) -> int:
     # and a backlog here is bounded and counted.
     with contextlib.suppress(OSError):
         os.nice(10)
+    from resolver.log.clients import ClientNames
     from resolver.log.querylog import QueryLog
 
     # Every row allocates tuples, and with the cyclic collector on, its generation-0 and
@@ -285,10 +287,13 @@ def main(argv: list[str]) -> int:
 
     path, queue_max, retention = argv[0], int(argv[1]), argv[2]
     max_size_mb = float(argv[3]) if len(argv) > 3 else 0.0
+    # Client names (containers, fenced users) are looked up here, off the DNS path.
+    names = ClientNames(argv[4] if len(argv) > 4 else "").start()
     # Big transactions: per-commit costs (WAL frames for the index and rollup pages a batch
     # touches) are paid once per batch, not per row.
     log = QueryLog(path, queue_max=queue_max, retention_days=float(retention) if retention else None,
-                   batch_max=WRITER_BATCH, batch_interval=WRITER_INTERVAL, max_size_mb=max_size_mb)
+                   batch_max=WRITER_BATCH, batch_interval=WRITER_INTERVAL, max_size_mb=max_size_mb,
+                   namer=names.name)
     log.start()
     submit_many = log.submit_many
     stream = sys.stdin.buffer

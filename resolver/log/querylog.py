@@ -45,7 +45,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import chain
 from typing import Any
 
@@ -89,7 +89,8 @@ class QueryLog:
 
     def __init__(self, path: str, *, queue_max: int = 200_000, retention_days: float | None = 30,
                  batch_max: int = 5000, prune_interval: float = 60.0, batch_interval: float = 0.0,
-                 max_size_mb: float | None = None) -> None:
+                 max_size_mb: float | None = None,
+                 namer: Callable[[str], str | None] | None = None) -> None:
         self.path = str(path)
         self.max_bytes = int(max_size_mb * 1024 * 1024) if max_size_mb else 0
         self.size_dropped = 0
@@ -117,6 +118,10 @@ class QueryLog:
         self._names: dict[Any, int] = {}
         self._clients: dict[str, int] = {}
         self._rules: dict[str, int] = {}
+        # Client names (schema 3): address -> name, asked once per client per batch.
+        self.namer = namer
+        self._client_addrs: dict[int, str] = {}
+        self._labels: dict[int, str | None] = {}
         # (client .. rcode) of a record -> its columns; see _convert.
         self._memo: dict[tuple, tuple[tuple, tuple, int]] = {}
         self._combos = 0  # serial number of each mapping, so a batch's counts key on a small int
@@ -340,6 +345,7 @@ class QueryLog:
                                      "(SELECT min(hour) FROM lookup_rollup) + 24", (below,))
                 conn.execute("DELETE FROM log_overflow WHERE ts < ?", (cutoff,))
                 conn.execute("DELETE FROM connections WHERE ts < ?", (cutoff,))
+                conn.execute("DELETE FROM client_labels WHERE until < ?", (cutoff,))
             self.pruned += cur.rowcount
             if cur.rowcount < PRUNE_CHUNK and hours.rowcount == 0:
                 self._next_prune = time.monotonic() + self.prune_interval
@@ -386,7 +392,11 @@ class QueryLog:
         conn.execute(_MARK_SQL)
         # The batch's rows and their counts commit together: the rollup never disagrees with them.
         conn.executemany(_ROLLUP_UPSERT, [(*key, *agg) for key, agg in rollup.items()])
+        labels = self._label(conn, rollup) if self.namer is not None else {}
         conn.commit()
+        if len(self._labels) + len(labels) > ID_CACHE_MAX:
+            self._labels.clear()  # a miss reads the open label back from the table
+        self._labels.update(labels)
         # Ids minted inside the transaction are only real once it has committed.
         for cache, new in ((self._names, new_names), (self._clients, new_clients),
                            (self._rules, new_rules)):
@@ -406,6 +416,7 @@ class QueryLog:
         memo = self._memo
         if len(memo) > MEMO_MAX:
             memo.clear()
+            self._client_addrs.clear()  # refilled by the memo misses that follow
         bucket = ROLLUP_SECONDS
         hours: dict[tuple, list] = {}
         out = []
@@ -450,6 +461,37 @@ class QueryLog:
                 agg[2] = max(agg[2], last)
         return out
 
+    def _label(self, conn: sqlite3.Connection, rollup: dict[tuple, list]) -> dict[int, str | None]:
+        """Open or close ``client_labels`` intervals for the batch's clients whose name changed;
+        returns every batch client's name, for the cache once the transaction has committed."""
+        firsts: dict[int, float] = {}
+        for key, agg in rollup.items():
+            cid = key[4]
+            if cid != ROLLUP_NULL and (cid not in firsts or agg[1] < firsts[cid]):
+                firsts[cid] = agg[1]
+        names: dict[int, str | None] = {}
+        namer = self.namer
+        assert namer is not None
+        for cid, first in firsts.items():
+            addr = self._client_addrs.get(cid)
+            if addr is None:
+                continue
+            name = namer(addr)
+            if cid in self._labels:
+                current = self._labels[cid]
+            else:
+                row = conn.execute("SELECT name FROM client_labels WHERE client_id = ? AND until IS NULL "
+                                   "ORDER BY since DESC LIMIT 1", (cid,)).fetchone()
+                current = row[0] if row else None
+            if current != name:
+                conn.execute("UPDATE client_labels SET until = ? WHERE client_id = ? AND until IS NULL",
+                             (first, cid))
+                if name is not None:
+                    conn.execute("INSERT INTO client_labels (client_id, name, since) VALUES (?, ?, ?)",
+                                 (cid, name, first))
+            names[cid] = name
+        return names
+
     def _map(self, conn: sqlite3.Connection, middle: tuple, new_names: dict, new_clients: dict,
              new_rules: dict) -> tuple[tuple, tuple, int]:
         """(client, transport, qname, qtype, verdict, mode, rule, rcode) -> the row's columns
@@ -465,6 +507,7 @@ class QueryLog:
             cid = clients.get(client) or new_clients.get(client)
             if cid is None:
                 cid = new_clients[client] = self._intern(conn, "clients", "addr", str(client))
+            self._client_addrs[cid] = str(client)
         if rule is not None:
             rid = rules.get(rule) or new_rules.get(rule)
             if rid is None:

@@ -15,7 +15,7 @@ from sqlite_utils import Database
 from resolver.core.logdb import MODE_CODES, TRANSPORT_CODES, VERDICT_CODES, ensure_connections_table
 from resolver.core.model import LOG_FIELDS
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # How long one SQLite call may wait for a lock. Python's default is 5 s, which would
 # leave the writer deaf to close() and to its own backoff for that long.
@@ -53,11 +53,17 @@ def _rcode_case(column: str) -> str:
     return f"CASE {column} {arms} ELSE 'RCODE' || {column} END"
 
 
-LOOKUPS_VIEW_SQL = f"""SELECT r.id AS id,
+_VIEW_HEAD = """SELECT r.id AS id,
   r.ts AS ts,
   strftime('%Y-%m-%dT%H:%M:%fZ', r.ts, 'unixepoch') AS time,
   c.addr AS client,
-  {_case('r.transport', TRANSPORT_CODES)} AS transport,
+"""
+# Schema 3: who the client was when it asked (a container's name, ``user:NAME``), from the
+# label the writer held for that address at that time.
+_CLIENT_NAME = """  (SELECT l.name FROM client_labels l WHERE l.client_id = r.client_id AND l.since <= r.ts
+     AND (l.until IS NULL OR r.ts < l.until) ORDER BY l.since DESC LIMIT 1) AS client_name,
+"""
+_VIEW_TAIL = f"""  {_case('r.transport', TRANSPORT_CODES)} AS transport,
   n.name AS qname,
   CASE WHEN r.qtype IS NULL THEN NULL ELSE coalesce(t.mnemonic, 'TYPE' || r.qtype) END AS qtype,
   {_case('r.verdict', VERDICT_CODES)} AS verdict,
@@ -73,6 +79,8 @@ LEFT JOIN clients c ON c.id = r.client_id
 LEFT JOIN names n ON n.id = r.name_id
 LEFT JOIN rrtypes t ON t.code = r.qtype
 LEFT JOIN rules u ON u.id = r.rule_id"""
+LOOKUPS_VIEW_SQL_V1 = _VIEW_HEAD + _VIEW_TAIL
+LOOKUPS_VIEW_SQL = _VIEW_HEAD + _CLIENT_NAME + _VIEW_TAIL
 
 _RECORD_LEN = len(LOG_FIELDS)
 _TS_MAX = 1e11  # seconds since 1970: the year 5138
@@ -134,7 +142,7 @@ def _migrate_to_1(db: Database) -> None:
         pk="id", not_null={"ts"}, if_not_exists=True,
     )
     db["connections"].create_index(["ts"], "ix_connections_ts", if_not_exists=True)
-    db.create_view("lookups", LOOKUPS_VIEW_SQL, replace=True)
+    db.create_view("lookups", LOOKUPS_VIEW_SQL_V1, replace=True)
 
 
 _ROLLUP_UPSERT = (
@@ -255,10 +263,24 @@ def used_bytes(conn: sqlite3.Connection) -> int:
     return (pages - free) * conn.execute("PRAGMA page_size").fetchone()[0]
 
 
+def _migrate_to_5(db: Database) -> None:
+    # Names for client addresses (Docker containers, fenced users), as intervals: an address
+    # is reused (a container replaced, a new one given the same IP), so a lookup's name is the
+    # label whose [since, until) holds its time. Written per batch and per client by the
+    # writer, never per row; the lookups view picks the label for each row.
+    conn = db.conn
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS client_labels (client_id INTEGER NOT NULL REFERENCES clients(id),"
+        " name TEXT NOT NULL, since REAL NOT NULL, until REAL)")
+    conn.execute("CREATE INDEX IF NOT EXISTS ix_client_labels ON client_labels (client_id, since)")
+    conn.execute("DROP VIEW IF EXISTS lookups")
+    conn.execute(f"CREATE VIEW lookups AS {LOOKUPS_VIEW_SQL}")
+
+
 # Index i migrates a database from user_version i to i + 1. Later issues append here
 # and bump SCHEMA_VERSION.
 MIGRATIONS: list[Callable[[Database], None]] = [_migrate_to_1, _migrate_to_2, _migrate_to_3,
-                                                 _migrate_to_4]
+                                                 _migrate_to_4, _migrate_to_5]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 

@@ -99,6 +99,13 @@ class DnstapSettings:
 
 
 @dataclass(frozen=True)
+class DockerSettings:
+    # Docker Engine API socket for container names in the log; "" = never ask Docker. The log
+    # writer looks for it now and then (backing off to every 30 s) until it exists.
+    socket: str = "/var/run/docker.sock"
+
+
+@dataclass(frozen=True)
 class ClientPolicy:
     """A named client (``[[clients]]``): its sources, mode and extra rules."""
 
@@ -128,6 +135,7 @@ class Config:
     metrics: MetricsSettings = MetricsSettings()
     dnstap: DnstapSettings = DnstapSettings()
     report: ReportSettings = field(default_factory=ReportSettings)
+    docker: DockerSettings = DockerSettings()
 
     @property
     def listen(self) -> tuple[HostPort, ...]:
@@ -336,7 +344,7 @@ def without_self(servers: list[HostPort] | tuple[HostPort, ...],
 # ---------------------------------------------------------------- entry points
 
 TOP_KEYS = {"mode", "server", "upstream", "cache", "allow", "deny", "log", "firewall", "clients",
-            "metrics", "dnstap", "report"}
+            "metrics", "dnstap", "report", "docker"}
 
 
 def parse_config(text: str, path: str = "<policy>") -> Config:
@@ -458,11 +466,14 @@ def _parse_config(text: str, path: str) -> Config:
     clients = _clients(ctx, data.get("clients", []), mode, allow, deny)
     metrics, dnstap = _observe(ctx, data)
 
+    dk = _table(ctx, data, "docker", {"socket"})
+    docker = DockerSettings(socket=_typed(ctx, dk, "docker", "socket", str, DockerSettings.socket))
+
     return Config(
         path=path, text=text, mode=mode, server=server, upstream=upstream, cache=cache, log=log,
         firewall=firewall, allow_domains=tuple(allow), deny_domains=tuple(deny),
         allow_cidrs=allow_cidrs, clients=clients, matcher=matcher, metrics=metrics, dnstap=dnstap,
-        report=report,
+        report=report, docker=docker,
     )
 
 

@@ -395,6 +395,19 @@ def _in_net(addr: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bo
     return a.version == net.version and a in net
 
 
+def client_names(db: Database, since: float | None, until: float | None) -> dict[str, str]:
+    """address -> the name it had during the window (the latest label wins)."""
+    if "client_labels" not in db.table_names():
+        return {}
+    out: dict[str, str] = {}
+    for r in _rows(db, "SELECT c.addr AS addr, l.name AS name FROM client_labels l "
+                       "JOIN clients c ON c.id = l.client_id WHERE (? IS NULL OR l.since <= ?) "
+                       "AND (l.until IS NULL OR ? IS NULL OR l.until > ?) ORDER BY l.since",
+                   (until, until, since, since)):
+        out[r["addr"]] = r["name"]
+    return out
+
+
 def _head(db: Database, schema_id: str, since: float | None, until: float | None,
           filters: Filters, now: float) -> dict:
     path = db.execute("PRAGMA database_list").fetchone()[2]
@@ -406,6 +419,7 @@ def _head(db: Database, schema_id: str, since: float | None, until: float | None
         "filters": filters.as_dict(),
         "overflow": _overflow(db, since, until),
         "size_dropped": _overflow(db, since, until, "log_size_drops"),
+        "client_names": client_names(db, since, until),
     }
 
 

@@ -6,9 +6,12 @@ report against these.
 
 from __future__ import annotations
 
-SUMMARY_SCHEMA_ID = "dnsguard-report-summary/2"  # 2: + egress (issue #12)
-NAMES_SCHEMA_ID = "dnsguard-report-names/1"
-LOOKUP_SCHEMA_ID = "dnsguard-report-lookup/1"
+# /2: client names (a Docker container's, ``user:NAME`` for a fenced user): ``client_names``
+# in every report's head, ``client_name`` in each lookup; the summary also gains ``egress``
+# (issue #12). ``size_dropped`` (issue #11) is in every head.
+SUMMARY_SCHEMA_ID = "dnsguard-report-summary/2"
+NAMES_SCHEMA_ID = "dnsguard-report-names/2"
+LOOKUP_SCHEMA_ID = "dnsguard-report-lookup/2"
 CONNECTIONS_SCHEMA_ID = "dnsguard-report-connections/1"
 
 _TIME = {"type": "string",
@@ -177,7 +180,10 @@ _FINDING = {
 def _report_schema(schema_id: str, title: str, body: dict) -> dict:
     """A report document's schema: the head every report shares (see `_head`), then ``body``."""
     head = {"schema": {"const": schema_id}, "database": {"type": "string"}, "generated": _TIME,
-            "window": _WINDOW, "filters": _FILTERS, "overflow": _OVERFLOW, "size_dropped": _SIZE_DROPPED}
+            "window": _WINDOW, "filters": _FILTERS, "overflow": _OVERFLOW, "size_dropped": _SIZE_DROPPED,
+            "client_names": {"type": "object", "additionalProperties": {"type": "string"},
+                             "description": "client address -> the name it had in the window (the "
+                                            "latest, if several): a Docker container, or user:NAME"}}
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": schema_id,
@@ -322,14 +328,16 @@ LOOKUP_SCHEMA: dict = {
     "$id": LOOKUP_SCHEMA_ID,
     "title": "dnsguard lookup (one line of report tail --format json)",
     "type": "object",
-    "required": ["id", "ts", "time", "client", "transport", "qname", "qtype", "verdict", "mode",
-                 "rule", "rcode", "answers", "cached", "latency_ms", "note"],
+    "required": ["id", "ts", "time", "client", "client_name", "transport", "qname", "qtype", "verdict",
+                 "mode", "rule", "rcode", "answers", "cached", "latency_ms", "note"],
     "additionalProperties": False,
     "properties": {
         "id": {"type": "integer"},
         "ts": {"type": "number", "description": "seconds since the epoch, UTC"},
         "time": _TIME,
         "client": {"type": ["string", "null"]},
+        "client_name": {"type": ["string", "null"],
+                        "description": "the client's Docker container name or user:NAME, when known"},
         "transport": {"enum": ["udp", "tcp", None]},
         "qname": {"type": ["string", "null"], "description": "null when the packet was unreadable"},
         "qtype": {"type": ["string", "null"]},

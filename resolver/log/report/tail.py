@@ -23,6 +23,7 @@ def _lookup_dict(row: dict) -> dict:
         answers = [str(a) for a in parsed] if isinstance(parsed, list) else [str(row["answers"])]
     return {
         "id": row["id"], "ts": row["ts"], "time": iso(row["ts"]), "client": row["client"],
+        "client_name": row.get("client_name"),
         "transport": row["transport"], "qname": row["qname"], "qtype": row["qtype"],
         "verdict": row["verdict"], "mode": row["mode"], "rule": row["rule"], "rcode": row["rcode"],
         "answers": answers, "cached": bool(row["cached"]), "latency_ms": row["latency_ms"],
