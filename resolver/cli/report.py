@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +13,20 @@ import click
 
 from resolver.cli import report_conn
 from resolver.cli.common import DEFAULT_DB, run_command
+from resolver.cli.report_fmt import (
+    clients_cell,
+    columns,
+    csv_text,
+    emit,
+    head_lines,
+    human,
+    num,
+    rcode_style,
+    rules_cell,
+    style,
+    use_colour,
+    verdict_style,
+)
 from resolver.log import report as rpt
 
 DEFAULT_SINCE = "24h"
@@ -95,114 +107,6 @@ def _no_html(opts: _Opts) -> None:
         raise rpt.ReportError("--format html is for the summary (`dnsguard report`), not this view")
 
 
-# ----------------------------------------------------------------- formatting
-def _use_colour() -> bool:
-    return click.get_text_stream("stdout").isatty()
-
-
-def _style(text: str, colour: bool, **kw: Any) -> str:
-    return click.style(text, **kw) if colour else text
-
-
-def _human(iso_text: str | None, ms: bool = False) -> str:
-    """``2024-05-01T12:00:00.123Z`` -> ``2024-05-01 12:00:00`` (UTC, like every report time)."""
-    if not iso_text:
-        return "-"
-    text = iso_text.replace("T", " ").rstrip("Z")
-    return text if ms else text[:19]
-
-
-def _num(n: int) -> str:
-    return f"{n:,}"
-
-
-def _clients_cell(clients: Sequence[str], count: int, show: int = 3,
-                  names: dict[str, str] | None = None) -> str:
-    # A container's (or fenced user's) name says more than its address; the address is in the JSON.
-    shown = ", ".join((names or {}).get(c, c) for c in clients[:show])
-    return f"{shown} +{count - show}" if count > show else shown
-
-
-def _rules_cell(rules: Sequence[str | None]) -> str:
-    return ", ".join("(default deny)" if r is None else r for r in rules) or "-"
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Iterable[int] = (),
-           colours: dict[int, Callable[[str], dict]] | None = None, colour: bool = False,
-           widths: Sequence[int] | None = None) -> list[str]:
-    """Aligned text columns; the last column is never padded. Styling applies after padding
-    so escape codes never upset the alignment."""
-    right = set(right)
-    if widths is None:
-        widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-    lines = []
-
-    def fmt(cells: Sequence[str], header: bool) -> str:
-        out = []
-        last = len(cells) - 1
-        for i, cell in enumerate(cells):
-            padded = cell if i == last else (cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]))
-            if header:
-                padded = _style(padded, colour, bold=True)
-            elif colours and i in colours:
-                style = colours[i](cell)
-                if style:
-                    padded = _style(padded, colour, **style)
-            out.append(padded)
-        return "  ".join(out).rstrip()
-
-    lines.append(fmt(headers, True))
-    lines.extend(fmt(r, False) for r in rows)
-    return lines
-
-
-def _verdict_style(cell: str) -> dict:
-    return {"fg": "red", "bold": True} if cell == "deny" else {"fg": "green"} if cell == "allow" else {}
-
-
-def _rcode_style(cell: str) -> dict:
-    return {"fg": "yellow"} if cell in ("SERVFAIL", "NXDOMAIN", "DROPPED", "FORMERR") else {}
-
-
-def _overflow_lines(overflow: dict, colour: bool, size_dropped: dict | None = None) -> list[str]:
-    lines = []
-    if overflow["total"]:
-        text = (f"WARNING: {_num(overflow['total'])} lookups were not logged because the log queue was "
-                f"full ({_num(overflow['in_window'])} in this window; last {_human(overflow['last'])} UTC)")
-        lines.append(_style(text, colour, fg="red", bold=True))
-    if size_dropped and size_dropped["total"]:
-        text = (f"WARNING: {_num(size_dropped['total'])} oldest logged lookups were deleted to keep the log "
-                f"under [log] max_size_mb ({_num(size_dropped['in_window'])} in this window; last "
-                f"{_human(size_dropped['last'])} UTC)")
-        lines.append(_style(text, colour, fg="red", bold=True))
-    return lines
-
-
-def _head_lines(data: dict, colour: bool) -> list[str]:
-    window = data["window"]
-    since = _human(window["since"]) if window["since"] else "the beginning"
-    lines = _overflow_lines(data["overflow"], colour, data.get("size_dropped"))
-    lines.append(f"dnsguard lookup log {data['database']}")
-    lines.append(f"window   {since} .. {_human(window['until'])} UTC")
-    active = [f"{k}={v}" for k, v in data["filters"].items() if v is not None]
-    if active:
-        lines.append(f"filters  {' '.join(active)}")
-    return lines
-
-
-def _emit(lines: Iterable[str]) -> None:
-    for line in lines:
-        click.echo(line)
-
-
-def _csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
 # ----------------------------------------------------------------- summary
 _SUMMARY_CSV = ("section", "key", "count", "enforce", "audit", "rcode", "rules", "clients",
                 "first_seen", "last_seen")
@@ -235,54 +139,54 @@ def _summary_csv(data: dict) -> str:
     for r in data["suspicious"]:
         rows.append(["suspicious", r["domain"], r["lookups"], "", "", "", r["kind"], " ".join(r["names"]),
                      r["first_seen"], r["last_seen"]])
-    return _csv_text(_SUMMARY_CSV, rows)
+    return csv_text(_SUMMARY_CSV, rows)
 
 
 def _summary_table(data: dict, colour: bool) -> list[str]:
     t = data["totals"]
     cn = data["client_names"]
-    lines = _head_lines(data, colour)
+    lines = head_lines(data, colour)
     share = f" ({t['deny'] / t['lookups']:.1%})" if t["lookups"] else ""
     lines += [
         "",
-        f"lookups  {_num(t['lookups'])}   allow {_num(t['allow'])}   "
-        + _style(f"deny {_num(t['deny'])}{share}", colour and t["deny"] > 0, fg="red")
-        + f"   undecided (malformed/refused) {_num(t['undecided'])}",
-        f"modes    enforce {_num(t['enforce'])}   audit {_num(t['audit'])}",
-        f"distinct names {_num(t['distinct_names'])}   clients {_num(t['distinct_clients'])}",
+        f"lookups  {num(t['lookups'])}   allow {num(t['allow'])}   "
+        + style(f"deny {num(t['deny'])}{share}", colour and t["deny"] > 0, fg="red")
+        + f"   undecided (malformed/refused) {num(t['undecided'])}",
+        f"modes    enforce {num(t['enforce'])}   audit {num(t['audit'])}",
+        f"distinct names {num(t['distinct_names'])}   clients {num(t['distinct_clients'])}",
     ]
     if not t["lookups"]:
         lines += ["", "no lookups in this window"]
     for title, key in (("Top denied names", "top_denied"), ("Top allowed names", "top_allowed")):
         if not data[key]:
             continue
-        lines += ["", _style(title, colour, bold=True)]
-        rows = [[_num(r["count"]), _num(r["enforce"]), _num(r["audit"]), r["name"], _rules_cell(r["rules"]),
-                 _human(r["first_seen"]), _human(r["last_seen"]),
-                 _clients_cell(r["clients"], r["client_count"], names=cn)] for r in data[key]]
-        lines += _table(["COUNT", "ENFORCE", "AUDIT", "NAME", "RULE", "FIRST SEEN", "LAST SEEN", "CLIENTS"],
+        lines += ["", style(title, colour, bold=True)]
+        rows = [[num(r["count"]), num(r["enforce"]), num(r["audit"]), r["name"], rules_cell(r["rules"]),
+                 human(r["first_seen"]), human(r["last_seen"]),
+                 clients_cell(r["clients"], r["client_count"], names=cn)] for r in data[key]]
+        lines += columns(["COUNT", "ENFORCE", "AUDIT", "NAME", "RULE", "FIRST SEEN", "LAST SEEN", "CLIENTS"],
                         rows, right={0, 1, 2}, colour=colour)
     if data["upstream_failures"]:
-        lines += ["", _style("Allowed lookups that failed upstream (SERVFAIL / NXDOMAIN)", colour, bold=True)]
-        rows = [[_num(r["count"]), r["rcode"], r["name"], _human(r["first_seen"]), _human(r["last_seen"]),
-                 _clients_cell(r["clients"], r["client_count"], names=cn)] for r in data["upstream_failures"]]
-        lines += _table(["COUNT", "RCODE", "NAME", "FIRST SEEN", "LAST SEEN", "CLIENTS"], rows,
-                        right={0}, colours={1: _rcode_style}, colour=colour)
+        lines += ["", style("Allowed lookups that failed upstream (SERVFAIL / NXDOMAIN)", colour, bold=True)]
+        rows = [[num(r["count"]), r["rcode"], r["name"], human(r["first_seen"]), human(r["last_seen"]),
+                 clients_cell(r["clients"], r["client_count"], names=cn)] for r in data["upstream_failures"]]
+        lines += columns(["COUNT", "RCODE", "NAME", "FIRST SEEN", "LAST SEEN", "CLIENTS"], rows,
+                        right={0}, colours={1: rcode_style}, colour=colour)
     if data["blocked_connections"]:
-        lines += ["", _style("Blocked connections", colour, bold=True)]
-        rows = [[_num(r["count"]), r["destination"] or "-", f"{r['protocol'] or '-'}/{r['port'] or '-'}",
-                 r["name"] or "-", _human(r["first_seen"]), _human(r["last_seen"]),
-                 _clients_cell(r["sources"], len(r["sources"]), names=cn)]
+        lines += ["", style("Blocked connections", colour, bold=True)]
+        rows = [[num(r["count"]), r["destination"] or "-", f"{r['protocol'] or '-'}/{r['port'] or '-'}",
+                 r["name"] or "-", human(r["first_seen"]), human(r["last_seen"]),
+                 clients_cell(r["sources"], len(r["sources"]), names=cn)]
                 for r in data["blocked_connections"]]
-        lines += _table(["COUNT", "DESTINATION", "PORT", "NAME", "FIRST SEEN", "LAST SEEN", "SOURCES"], rows,
+        lines += columns(["COUNT", "DESTINATION", "PORT", "NAME", "FIRST SEEN", "LAST SEEN", "SOURCES"], rows,
                         right={0}, colour=colour)
     lines += report_conn.egress_lines(data, colour)
     if data["suspicious"]:
-        lines += ["", _style("Suspicious names (exfiltration-shaped; `dnsguard learn` will not allow them)",
+        lines += ["", style("Suspicious names (exfiltration-shaped; `dnsguard learn` will not allow them)",
                              colour, bold=True)]
-        rows = [[_num(r["name_count"]), _num(r["lookups"]), r["domain"], r["kind"], r["reason"],
-                 _human(r["first_seen"]), _human(r["last_seen"])] for r in data["suspicious"]]
-        lines += _table(["NAMES", "LOOKUPS", "UNDER", "KIND", "WHY", "FIRST SEEN", "LAST SEEN"], rows,
+        rows = [[num(r["name_count"]), num(r["lookups"]), r["domain"], r["kind"], r["reason"],
+                 human(r["first_seen"]), human(r["last_seen"])] for r in data["suspicious"]]
+        lines += columns(["NAMES", "LOOKUPS", "UNDER", "KIND", "WHY", "FIRST SEEN", "LAST SEEN"], rows,
                         right={0, 1}, colour=colour)
     lines.append("")
     lines.append("times are UTC; `dnsguard report names` lists every name, `dnsguard report tail` "
@@ -351,7 +255,7 @@ def report(ctx: click.Context, top: int, fmt: str | None, output: str | None, up
         elif opts.fmt == "csv":
             click.echo(_summary_csv(data), nl=False)
         else:
-            _emit(_summary_table(data, _use_colour()))
+            emit(_summary_table(data, use_colour()))
 
     _run(go)
 
@@ -395,23 +299,23 @@ def names_cmd(ctx: click.Context, sort: str, limit: int, fmt: str | None, **kw: 
                      " ".join("-" if x is None else x for x in r["rules"]),
                      " ".join(f"{k}={v}" for k, v in r["rcodes"].items()), r["client_count"],
                      " ".join(r["clients"]), r["first_seen"], r["last_seen"]] for r in data["names"]]
-            click.echo(_csv_text(_NAMES_CSV, rows), nl=False)
+            click.echo(csv_text(_NAMES_CSV, rows), nl=False)
             return
-        colour = _use_colour()
+        colour = use_colour()
         cn = data["client_names"]
-        lines = _head_lines(data, colour) + [""]
+        lines = head_lines(data, colour) + [""]
         if not data["names"]:
             lines.append("no lookups in this window")
         else:
-            rows = [[_num(r["count"]), _num(r["allow"]), _num(r["deny"]), _num(r["audit"]), r["name"],
-                     _rules_cell(r["rules"]), " ".join(f"{k}={v}" for k, v in r["rcodes"].items()),
-                     _human(r["first_seen"]), _human(r["last_seen"]),
-                     _clients_cell(r["clients"], r["client_count"], names=cn)] for r in data["names"]]
-            lines += _table(["COUNT", "ALLOW", "DENY", "AUDIT", "NAME", "RULE", "RCODES", "FIRST SEEN",
+            rows = [[num(r["count"]), num(r["allow"]), num(r["deny"]), num(r["audit"]), r["name"],
+                     rules_cell(r["rules"]), " ".join(f"{k}={v}" for k, v in r["rcodes"].items()),
+                     human(r["first_seen"]), human(r["last_seen"]),
+                     clients_cell(r["clients"], r["client_count"], names=cn)] for r in data["names"]]
+            lines += columns(["COUNT", "ALLOW", "DENY", "AUDIT", "NAME", "RULE", "RCODES", "FIRST SEEN",
                              "LAST SEEN", "CLIENTS"], rows, right={0, 1, 2, 3}, colour=colour)
             if limit and len(data["names"]) == limit:
                 lines += ["", f"(first {limit} names; --limit 0 for all)"]
-        _emit(lines)
+        emit(lines)
 
     _run(go)
 
@@ -432,7 +336,7 @@ def _tail_cells(r: dict) -> list[str]:
     if r["note"]:
         extra.append(f"({r['note']})")
     return [
-        _human(r["time"], ms=True), r.get("client_name") or r["client"] or "-", r["transport"] or "-",
+        human(r["time"], ms=True), r.get("client_name") or r["client"] or "-", r["transport"] or "-",
         r["qtype"] or "-",
         r["verdict"] or "-", r["mode"] or "-", r["rcode"] or "DROPPED",
         "-" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}", "yes" if r["cached"] else "",
@@ -443,7 +347,7 @@ def _tail_cells(r: dict) -> list[str]:
 class _TailPrinter:
     def __init__(self, fmt: str) -> None:
         self.fmt = fmt
-        self.colour = _use_colour()
+        self.colour = use_colour()
         self.started = False
 
     def rows(self, rows: list[dict]) -> None:
@@ -451,15 +355,15 @@ class _TailPrinter:
             for r in rows:
                 click.echo(json.dumps(r))
         elif self.fmt == "csv":
-            text = _csv_text(rpt.LOOKUP_COLUMNS, [
+            text = csv_text(rpt.LOOKUP_COLUMNS, [
                 [" ".join(r[c]) if c == "answers" and r[c] else r[c] for c in rpt.LOOKUP_COLUMNS]
                 for r in rows])
             click.echo(text if not self.started else text.split("\n", 1)[1], nl=False)
         else:
-            lines = _table(_TAIL_HEADERS, [_tail_cells(r) for r in rows], right={7},
-                           colours={4: _verdict_style, 6: _rcode_style}, colour=self.colour,
+            lines = columns(_TAIL_HEADERS, [_tail_cells(r) for r in rows], right={7},
+                           colours={4: verdict_style, 6: rcode_style}, colour=self.colour,
                            widths=_TAIL_WIDTHS)
-            _emit(lines if not self.started else lines[1:])
+            emit(lines if not self.started else lines[1:])
         self.started = True
         sys.stdout.flush()
 

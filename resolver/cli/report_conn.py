@@ -12,6 +12,15 @@ from typing import Any
 
 import click
 
+from resolver.cli.report_fmt import (
+    columns,
+    csv_text,
+    emit,
+    human,
+    num,
+    style,
+    use_colour,
+)
 from resolver.log import report as rpt
 from resolver.policy.config import ReportSettings, load_config
 
@@ -46,48 +55,46 @@ def _endpoint(addr: str | None, port: int | None) -> str:
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
-def _verdict_style(cell: str) -> dict:
+def _conn_verdict_style(cell: str) -> dict:
     return {"fg": "red", "bold": True} if cell == "blocked" else {"fg": "yellow"} if cell == "would-block" \
         else {"fg": "green"} if cell == "allowed" else {}
 
 
 def overflow_lines(overflow: dict, colour: bool) -> list[str]:
-    from resolver.cli.report import _human, _num, _style
 
     if not overflow["dropped"] and not overflow["overruns"]:
         return []
-    text = (f"WARNING: {_num(overflow['dropped'])} connections were not recorded "
-            f"({_num(overflow['dropped_in_window'])} in this window; last {_human(overflow['last'])} UTC); "
-            f"conntrack event buffer overran {_num(overflow['overruns'])} times")
-    return [_style(text, colour, fg="red", bold=True)]
+    text = (f"WARNING: {num(overflow['dropped'])} connections were not recorded "
+            f"({num(overflow['dropped_in_window'])} in this window; last {human(overflow['last'])} UTC); "
+            f"conntrack event buffer overran {num(overflow['overruns'])} times")
+    return [style(text, colour, fg="red", bold=True)]
 
 
 def egress_lines(data: dict, colour: bool) -> list[str]:
     """The summary's "Egress by name", large-upload warnings and unnamed egress, as text."""
-    from resolver.cli.report import _human, _num, _style, _table
 
     eg = data["egress"]
     lines = overflow_lines(eg["overflow"], colour)
     for u in eg["large_uploads"]:
-        lines.append(_style(f"LARGE UPLOAD: {u['client']} sent {human_bytes(u['bytes_out'])} to {u['name']} "
-                            f"in {_num(u['connections'])} connections ({_human(u['first_seen'])} .. "
-                            f"{_human(u['last_seen'])} UTC; warning above {eg['upload_warn_mb']:g} MB)",
+        lines.append(style(f"LARGE UPLOAD: {u['client']} sent {human_bytes(u['bytes_out'])} to {u['name']} "
+                            f"in {num(u['connections'])} connections ({human(u['first_seen'])} .. "
+                            f"{human(u['last_seen'])} UTC; warning above {eg['upload_warn_mb']:g} MB)",
                             colour, fg="red", bold=True))
     if eg["egress_by_name"]:
         title = "Egress by name (connections let through; largest upload first)"
-        lines += ["", _style(title, colour, bold=True)]
-        rows = [[human_bytes(r["bytes_out"]), human_bytes(r["bytes_in"]), _num(r["connections"]), r["name"],
-                 r["client"], ",".join(r["verdicts"]), _human(r["first_seen"]), _human(r["last_seen"])
+        lines += ["", style(title, colour, bold=True)]
+        rows = [[human_bytes(r["bytes_out"]), human_bytes(r["bytes_in"]), num(r["connections"]), r["name"],
+                 r["client"], ",".join(r["verdicts"]), human(r["first_seen"]), human(r["last_seen"])
                  + ("  LARGE UPLOAD" if r["large_upload"] else "")] for r in eg["egress_by_name"]]
-        lines += _table(["OUT", "IN", "CONNS", "NAME", "CLIENT", "VERDICT", "FIRST SEEN", "LAST SEEN"], rows,
+        lines += columns(["OUT", "IN", "CONNS", "NAME", "CLIENT", "VERDICT", "FIRST SEEN", "LAST SEEN"], rows,
                         right={0, 1, 2}, colour=colour)
     if eg["unnamed_egress"]:
-        lines += ["", _style("Egress to addresses never looked up ([allow] cidrs, audit)", colour, bold=True)]
-        rows = [[human_bytes(r["bytes_out"]), human_bytes(r["bytes_in"]), _num(r["connections"]),
+        lines += ["", style("Egress to addresses never looked up ([allow] cidrs, audit)", colour, bold=True)]
+        rows = [[human_bytes(r["bytes_out"]), human_bytes(r["bytes_in"]), num(r["connections"]),
                  r["destination"] or "-", f"{r['protocol'] or '-'}/{r['port'] or '-'}", r["verdict"],
-                 _human(r["first_seen"]), _human(r["last_seen"]), ", ".join(r["clients"][:3])]
+                 human(r["first_seen"]), human(r["last_seen"]), ", ".join(r["clients"][:3])]
                 for r in eg["unnamed_egress"]]
-        lines += _table(["OUT", "IN", "CONNS", "DESTINATION", "PORT", "VERDICT", "FIRST SEEN", "LAST SEEN",
+        lines += columns(["OUT", "IN", "CONNS", "DESTINATION", "PORT", "VERDICT", "FIRST SEEN", "LAST SEEN",
                          "CLIENTS"], rows, right={0, 1, 2}, colour=colour)
     return lines
 
@@ -155,14 +162,9 @@ def connections_cmd(ctx: click.Context, db: str | None, since: str | None, until
     """
     from resolver.cli.report import (
         DEFAULT_SINCE,
-        _csv_text,
-        _emit,
-        _human,
         _open,
         _Opts,
         _run,
-        _table,
-        _use_colour,
         _window,
     )
 
@@ -179,26 +181,27 @@ def connections_cmd(ctx: click.Context, db: str | None, since: str | None, until
             return
         if opts.fmt == "csv":
             rows = [[r[c] for c in _CONN_CSV] for r in data["connections"]]
-            click.echo(_csv_text(_CONN_CSV, rows), nl=False)
+            click.echo(csv_text(_CONN_CSV, rows), nl=False)
             return
-        colour = _use_colour()
+        colour = use_colour()
         lines = overflow_lines(data["overflow"], colour)
         lines.append(f"dnsguard connections {data['database']}")
         window = data["window"]
-        lines.append(f"window   {_human(window['since']) if window['since'] else 'the beginning'} .. "
-                     f"{_human(window['until'])} UTC")
+        lines.append(f"window   {human(window['since']) if window['since'] else 'the beginning'} .. "
+                     f"{human(window['until'])} UTC")
         lines.append("")
         if not data["connections"]:
             lines.append("no connections in this window")
         else:
-            rows = [[_human(r["start"]), "open" if r["open"] else _human(r["end"])[11:], r["client"] or "-",
+            rows = [[human(r["start"]), "open" if r["open"] else human(r["end"])[11:], r["client"] or "-",
                      _endpoint(r["source"], r["source_port"]), r["destination"] or "-",
                      f"{r['protocol'] or '-'}/{'-' if r['port'] is None else r['port']}",
                      r["verdict"], r["name"] or "-", r["rule"] or "-", human_bytes(r["bytes_out"]),
                      human_bytes(r["bytes_in"])] for r in data["connections"]]
-            lines += _table(_CONN_HEADERS, rows, right={9, 10}, colours={6: _verdict_style}, colour=colour)
+            lines += columns(_CONN_HEADERS, rows, right={9, 10}, colours={6: _conn_verdict_style},
+                             colour=colour)
             if limit and len(data["connections"]) == limit:
                 lines += ["", f"(the latest {limit}; --limit 0 for all)"]
-        _emit(lines)
+        emit(lines)
 
     _run(go)
