@@ -27,7 +27,6 @@ on stderr.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import sys
 import time
 import traceback
@@ -41,8 +40,8 @@ from resolver.dns.cache import AnswerCache, Entry
 from resolver.dns.ratelimit import RateLimiter, RefusedCounter
 from resolver.dns.stats import UpstreamStats
 from resolver.dns.upstream import Cleaner, Upstream
-from resolver.policy.config import ClientPolicy, Config
-from resolver.policy.matcher import Matcher
+from resolver.dns.views import ClientView, classify, named_networks
+from resolver.policy.config import Config
 
 Submit = Callable[[tuple], None]
 Handled = bytes | None | Coroutine[Any, Any, bytes | None]
@@ -51,7 +50,6 @@ Handled = bytes | None | Coroutine[Any, Any, bytes | None]
 # (TKEY, TSIG, IXFR, AXFR, MAILB, MAILA, ...). ANY (255) gets the RFC 8482 answer instead.
 _META_TYPES = frozenset((0, 41, *range(128, 255)))
 _MAX_VIEWS = 65_536
-_MAX_DECISIONS = 262_144
 # Whole UDP answers memoised by (client, packet without its ID); see Resolver.handle. Bounded
 # in entries and, per entry, in bytes: a query padded to 64 KB (an OPT may carry anything) or
 # a big answer is never kept, so the memo holds at most ~16k x 1 KB, and the cache entries it
@@ -87,60 +85,6 @@ def inflight_limit() -> int:
     if soft == resource.RLIM_INFINITY:
         return MAX_INFLIGHT
     return max(16, min(MAX_INFLIGHT, (soft - 256) // 2))
-
-
-class ClientView:
-    """How one source address is treated; computed once per address and memoised."""
-
-    __slots__ = ("served", "mode", "audit", "matcher", "decisions", "label")
-
-    def __init__(self, served: bool, mode: str, matcher: Matcher, label: str | None,
-                 decisions: dict[bytes, Decision] | None = None) -> None:
-        self.served = served
-        self.mode = mode
-        self.audit = mode == "audit"
-        self.matcher = matcher
-        # Shared by every view of the same matcher, so the memo's bound holds per policy,
-        # not per source address (which a spoofing client could multiply).
-        self.decisions: dict[bytes, Decision] = {} if decisions is None else decisions
-        self.label = label  # the [[clients]] name, if any
-
-    def decide(self, qname: bytes) -> Decision:
-        d = self.decisions.get(qname)
-        if d is None:
-            d = self.matcher.decide(qname)
-            if len(self.decisions) >= _MAX_DECISIONS:
-                self.decisions.clear()
-            self.decisions[qname] = d
-        return d
-
-
-Named = list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ClientPolicy]]
-
-
-def named_networks(config: Config) -> Named:
-    """[[clients]] sources, longest prefix first (the most specific client wins)."""
-    return sorted(((net, c) for c in config.clients for net in c.sources), key=lambda nc: -nc[0].prefixlen)
-
-
-def classify(config: Config, ip: str, named: Named,
-             memo: dict[int, dict[bytes, Decision]] | None = None) -> ClientView:
-    memo = {} if memo is None else memo
-
-    def view(served: bool, mode: str, matcher: Matcher, label: str | None) -> ClientView:
-        return ClientView(served, mode, matcher, label, memo.setdefault(id(matcher), {}))
-
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return view(False, config.mode, config.matcher, None)
-    if addr.version == 6 and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    for net, client in named:  # a named client's sources are implicitly allowed to ask
-        if addr.version == net.version and addr in net:
-            return view(True, client.mode, client.matcher, client.name)
-    served = any(addr.version == net.version and addr in net for net in config.server.clients)
-    return view(served, config.mode, config.matcher, None)
 
 
 class Resolver:
