@@ -320,6 +320,9 @@ class App:
         reg.add(m.policy_reader(self))
         if self.querylog is not None:
             reg.add(m.log_reader(self.querylog))
+            fw = self.config.firewall
+            reg.add(m.LogFigures(self.config.log.database,
+                                 connections=fw.enabled and fw.record_connections))
         if self.feeder is not None:
             reg.add(m.fence_reader(self.feeder))
         if self.dnstap is not None:

@@ -166,3 +166,91 @@ def test_grafana_dashboard_queries_parse_and_name_real_metrics(tmp_path):
     for name in {n for e in exprs for n in re.findall(r"dnsguard_\w+", e)}:
         base = re.sub(r"_(total|bucket|count|sum|info)$", "", name)
         assert name in exported or base in exported, f"dashboard uses {name}, which dnsguard does not export"
+
+
+def test_rate_limited_and_stale_answers_are_counted(nameserver, dnsguard):
+    """Figures from #11: queries refused by [server] rate_limit, answers served stale."""
+    import time
+
+    ns = nameserver("answer", {"www.stale.test.": {"A": "192.0.2.31", "_ttl": "1"}})
+    g = dnsguard(make_policy([ns.addr], allow=["www.stale.test"], timeout_ms=400, server={"rate_limit": 5}),
+                 "--metrics", "127.0.0.1:0")
+    port = metrics_port(g)
+    assert g.query("www.stale.test").rcode() == dns.rcode.NOERROR
+    answered_at = time.monotonic()
+
+    # 40 queries as fast as one client can ask them: past the burst, REFUSED.
+    rcodes = [g.query(f"n{i}.flood.test", source="127.0.0.2").rcode() for i in range(40)]
+    refused = rcodes.count(dns.rcode.REFUSED)
+    assert 0 < refused < 40
+    text = scrape(port)
+    assert value(text, "dnsguard_rate_limited_total") == refused
+    assert value(text, "dnsguard_queries_total", verdict="none", rcode="REFUSED") == refused
+    assert value(text, "dnsguard_stale_answers_total") == 0
+
+    ns.mode = "blackhole"
+    wait_until(lambda: time.monotonic() > answered_at + 1.5, 5.0, what="the TTL to run out")
+    resp = g.query("www.stale.test", timeout=3.0)
+    assert [rr.ttl for rr in resp.answer] == [30]
+    assert value(scrape(port), "dnsguard_stale_answers_total") == 1
+
+
+def test_log_figures_count_size_drops_and_new_connections(tmp_path):
+    """LogFigures reads what other processes wrote: rows deleted for max_size_mb, connections."""
+    import sqlite3
+    from contextlib import closing
+
+    from resolver.core.logdb import ensure_connections_table
+    from resolver.log.querylog import QueryLog
+    from resolver.observe.metrics import LogFigures
+
+    path = tmp_path / "log.db"
+    figures = LogFigures(str(path), connections=True)  # before the file exists: nothing to read yet
+    assert value(_exposition(figures), "dnsguard_log_size_dropped_total") == 0
+
+    log = QueryLog(str(path), retention_days=None)
+    log.start()
+    assert log.close()
+
+    def add(*rows: tuple) -> None:
+        with closing(sqlite3.connect(path)) as conn:
+            ensure_connections_table(conn)
+            conn.executemany("INSERT INTO connections (ts, end_ts, source, destination, protocol, port, verdict) "
+                             "VALUES (1000, ?, '192.0.2.2', '203.0.113.9', 'tcp', 443, ?)", rows)
+            conn.commit()
+
+    add((1001, "allowed"))
+    text = _exposition(figures)  # the first read marks where counting starts
+    assert 'dnsguard_connections_total{verdict="allowed"}' not in text
+    add((None, "allowed"), (1002, "allowed"), (1002, "blocked"))
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("INSERT INTO log_size_drops (ts, dropped) VALUES (1000, 5000), (1001, 2500)")
+        conn.execute("INSERT INTO connection_overflow (ts, dropped, overruns) VALUES (1000, 3, 2)")
+        conn.commit()
+    text = _exposition(figures)
+    assert value(text, "dnsguard_connections_total", verdict="allowed") == 2
+    assert value(text, "dnsguard_connections_total", verdict="blocked") == 1
+    assert value(text, "dnsguard_connections_open") == 1
+    assert value(text, "dnsguard_connections_unrecorded_total") == 3
+    assert value(text, "dnsguard_conntrack_overruns_total") == 2
+    assert value(text, "dnsguard_log_size_dropped_total") == 7500
+    add((1003, "would-block"))
+    text = _exposition(figures)  # counted once each: only rows above the mark are read
+    assert value(text, "dnsguard_connections_total", verdict="allowed") == 2
+    assert value(text, "dnsguard_connections_total", verdict="would-block") == 1
+    check = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True, text=True,
+                           timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def _exposition(reader) -> str:
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    class Collector:
+        def collect(self):
+            return reader()
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector())
+    return generate_latest(registry).decode()

@@ -102,6 +102,7 @@ class Resolver:
         self.cache = AnswerCache(config.cache.max_entries)
         self._inflight: dict[bytes, asyncio.Future[Entry]] = {}
         self._stale_until: dict[bytes, float] = {}  # key -> answer stale without waiting until
+        self.stale_answers = 0  # answered from an expired entry (for /metrics)
         self._refreshes: dict[bytes, asyncio.Task] = {}  # at most one background refresh per key
         self.limiter: RateLimiter | None = None
         self.refused = RefusedCounter(submit)
@@ -400,6 +401,7 @@ class Resolver:
             self._stale_until[key] = now + STALE_RECHECK_S
         if self.feeder is not None and entry.addrs:
             self._feed(entry, qname, now)
+        self.stale_answers += 1
         resp = entry.stale_response(data, qend, udp_size, do)
         if transport == "udp" and len(resp) > (min(udp_size, wire.EDNS_PAYLOAD) if udp_size else 512):
             resp = wire.truncated(resp, qend, udp_size, do)
@@ -426,10 +428,17 @@ class Resolver:
     def _limited(self, data: bytes, ip: str, transport: str, t0: float) -> bytes | None:
         """Past the client's rate: counted for one row a second, REFUSED with EDE 18, no text."""
         self.refused.count(ip, transport, t0 + self._wall_offset, self.config.mode)
+        counts = self.counts
         try:
             _, qend, _, _, udp_size, do = wire.parse_query(data)
         except wire.BadQuery:
+            if counts is not None:
+                mkey = (None, self.config.mode, transport, None)
+                counts[mkey] = counts.get(mkey, 0) + 1
             return None  # over its rate and not even a valid query: not worth a packet
+        if counts is not None:
+            mkey = (None, self.config.mode, transport, wire.REFUSED)
+            counts[mkey] = counts.get(mkey, 0) + 1
         return wire.local_answer(data, qend, wire.REFUSED, udp_size, do,
                                  self._refused_opts[do] if udp_size else None)
 

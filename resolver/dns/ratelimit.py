@@ -70,14 +70,16 @@ class RateLimiter:
 class RefusedCounter:
     """Counts rate-limited queries per client and second; emits one log record for each."""
 
-    __slots__ = ("submit", "max_clients", "_counts")
+    __slots__ = ("submit", "max_clients", "_counts", "total")
 
     def __init__(self, submit: Callable[[Row], None] | None, max_clients: int = MAX_CLIENTS) -> None:
         self.submit = submit
         self.max_clients = max_clients
+        self.total = 0  # refused since start (for /metrics)
         self._counts: dict[str, list] = {}  # ip -> [second, count, transport]
 
     def count(self, ip: str, transport: str, wall: float, mode: str) -> None:
+        self.total += 1
         second = int(wall)
         c = self._counts.get(ip)
         if c is not None:

@@ -14,8 +14,12 @@ metric families, and register the reader in ``resolver.app`` (``Metrics.add``).
 
 from __future__ import annotations
 
+import os
 import platform
+import sqlite3
 import sys
+import threading
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -102,6 +106,10 @@ def resolver_reader(resolver: Any) -> Reader:
             cumulative.append(("+Inf", acc))
             hist.add_metric([server], cumulative, total)
         yield hist
+        yield counter("dnsguard_stale_answers", "Answers served stale (RFC 8767: every upstream failed, "
+                      "an expired entry answered with TTL 30 and EDE 3).", [], [([], resolver.stale_answers)])
+        yield counter("dnsguard_rate_limited", "Queries refused by the per-client [server] rate_limit.", [],
+                      [([], resolver.refused.total)])
         yield counter("dnsguard_upstream_errors", "Upstream exchanges that failed, by server and kind "
                       "(timeout, network, malformed, rcode).", ["server", "kind"],
                       ([[s, k], n] for (s, k), n in sorted(dict(stats.errors).items())))
@@ -167,6 +175,78 @@ def dnstap_reader(writer: Any) -> Reader:
         yield gauge("dnsguard_dnstap_queue_depth", "dnstap messages waiting for the writer.", [],
                     [([], writer.depth())])
     return read
+
+
+def _max_connection_id(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT coalesce(max(id), 0) FROM connections").fetchone()[0]
+
+
+class LogFigures:
+    """Figures only the log database knows, read at scrape time over a read-only connection:
+    rows the writer deleted for ``[log] max_size_mb`` (it runs in its own process) and the
+    connections the conntrack recorder wrote (also its own process).
+
+    Connections are counted incrementally by row id from the moment this reader is made, so a
+    scrape reads only the rows written since the last one. Scrapes may come from several HTTP
+    threads at once; one lock serialises them on the one connection.
+    """
+
+    def __init__(self, path: str, connections: bool) -> None:
+        self.path = path
+        self.connections = connections
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._by_verdict: dict[str, int] = {}
+        # Highest connections.id counted; None until the database can be read.
+        self._mark: int | None = self._read(_max_connection_id, None)
+
+    def _read(self, query: Callable[[sqlite3.Connection], Any], default: Any) -> Any:
+        """Run ``query``; the database may not exist yet, or lack a table an older one lacks."""
+        try:
+            if self._conn is None:
+                uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
+                self._conn = sqlite3.connect(uri, uri=True, timeout=1.0, check_same_thread=False)
+            return query(self._conn)
+        except sqlite3.Error:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            return default
+
+    def __call__(self) -> Iterator[Metric]:
+        with self._lock:
+            dropped = self._read(lambda c: c.execute(
+                "SELECT coalesce(sum(dropped), 0) FROM log_size_drops").fetchone()[0], 0)
+            families = [counter("dnsguard_log_size_dropped", "Logged lookups the writer deleted to keep the "
+                                "log under [log] max_size_mb.", [], [([], dropped)])]
+            if self.connections:
+                families += self._connection_families()
+        yield from families
+
+    def _connection_families(self) -> list[Metric]:
+        if self._mark is None:
+            self._mark = self._read(_max_connection_id, None)
+        if self._mark is not None:
+            rows = self._read(lambda c: c.execute(
+                "SELECT verdict, count(*), max(id) FROM connections WHERE id > ? GROUP BY verdict",
+                (self._mark,)).fetchall(), [])
+            for verdict, n, top in rows:
+                self._by_verdict[verdict] = self._by_verdict.get(verdict, 0) + n
+                self._mark = max(self._mark, top)
+        lost = self._read(lambda c: c.execute("SELECT coalesce(sum(dropped), 0), coalesce(sum(overruns), 0) "
+                                              "FROM connection_overflow").fetchone(), (0, 0))
+        open_now = self._read(lambda c: c.execute(
+            "SELECT count(*) FROM connections WHERE end_ts IS NULL").fetchone()[0], 0)
+        return [
+            counter("dnsguard_connections", "Outbound connections of the fenced agent recorded since start, "
+                    "by verdict (allowed, blocked, would-block).", ["verdict"],
+                    ([[v], n] for v, n in sorted(self._by_verdict.items()))),
+            gauge("dnsguard_connections_open", "Recorded connections still open.", [], [([], open_now)]),
+            counter("dnsguard_connections_unrecorded", "Connections the recorder could not record.", [],
+                    [([], lost[0])]),
+            counter("dnsguard_conntrack_overruns", "conntrack event buffer overruns (each answered by a "
+                    "resync dump).", [], [([], lost[1])]),
+        ]
 
 
 # ------------------------------------------------------------------------ serving
