@@ -215,8 +215,8 @@ def test_log_figures_count_size_drops_and_new_connections(tmp_path):
     def add(*rows: tuple) -> None:
         with closing(sqlite3.connect(path)) as conn:
             ensure_connections_table(conn)
-            conn.executemany("INSERT INTO connections (ts, end_ts, source, destination, protocol, port, verdict) "
-                             "VALUES (1000, ?, '192.0.2.2', '203.0.113.9', 'tcp', 443, ?)", rows)
+            conn.executemany("INSERT INTO connections (ts, end_ts, source, destination, protocol, port, "
+                             "verdict) VALUES (1000, ?, '192.0.2.2', '203.0.113.9', 'tcp', 443, ?)", rows)
             conn.commit()
 
     add((1001, "allowed"))
