@@ -46,6 +46,8 @@ def test_openclaw_preset_groups_channels_and_audit():
 def test_presets_modes_and_native():
     assert parse_config(presets.render("openclaw", "enforce")).mode == "enforce"
     native = parse_config(presets.render("openclaw", native=True))
+    assert native.server.rate_limit == 500
+    assert parse_config(presets.render("openclaw")).server.rate_limit == 500
     assert native.server.listen == (("127.0.0.1", 53),)
     assert parse_config(presets.render("default", "audit")).mode == "audit"
     assert parse_config(presets.render("default")).mode == "enforce"
