@@ -268,8 +268,8 @@ def test_cli_connections_table_json_csv(log_db: Path) -> None:
     ]
     assert "WARNING: 3 connections were not recorded" in table
     open_line = next(ln for ln in lines if "203.0.113.11" in ln)
-    assert " open " in open_line and "1.5 KB" in open_line and "900.0 KB" in open_line
-    assert "8.0 MB" in next(ln for ln in lines if "192.0.2.2:40000" in ln)
+    assert " open " in open_line and "1.5 KB" in open_line and "900 KB" in open_line
+    assert "8 MB" in next(ln for ln in lines if "192.0.2.2:40000" in ln)
     data = json.loads(_cli(log_db, "connections", *window, "--verdict", "allowed", "--format", "json"))
     validate(data, rpt.CONNECTIONS_SCHEMA)
     assert data["filters"] == {"client": None, "name": None, "verdict": "allowed", "open": False}
@@ -289,10 +289,10 @@ def test_cli_connections_table_json_csv(log_db: Path) -> None:
 def test_cli_summary_egress_sections(log_db: Path, tmp_path: Path) -> None:
     window = ["--since", rpt.iso(NOW - H), "--until", rpt.iso(NOW)]
     text = _cli(log_db, *window)
-    assert "LARGE UPLOAD: agent sent 13.0 MB to api.example.com in 2 connections" in text
+    assert "LARGE UPLOAD: agent sent 13 MB to api.example.com in 2 connections" in text
     assert "Egress by name" in text and "Egress to addresses never looked up" in text
     egress = text.split("Egress by name", 1)[1].splitlines()
-    assert "13.0 MB" in egress[2] and "api.example.com" in egress[2] and "LARGE UPLOAD" in egress[2]
+    assert "13 MB" in egress[2] and "api.example.com" in egress[2] and "LARGE UPLOAD" in egress[2]
     policy = tmp_path / "policy.toml"
     policy.write_text("[report]\nupload_warn_mb = 20\n")
     assert "LARGE UPLOAD" not in _cli(log_db, *window, "--policy", str(policy))
@@ -337,3 +337,22 @@ def test_old_log_without_connection_columns_still_reports(tmp_path: Path) -> Non
         assert rpt.summary(db, since=NOW - H, until=NOW, now=NOW)["egress"]["egress_by_name"] == []
     finally:
         db.close()
+
+
+def test_cli_summary_egress_names_a_container_by_its_label(log_db: Path, tmp_path: Path) -> None:
+    """#14's client names reach the egress sections: a source with no [[clients]] entry that is a
+    Docker container (a client_labels row) is shown by its container name."""
+    import shutil
+
+    path = tmp_path / "labelled.db"
+    shutil.copy(log_db, path)
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("INSERT OR IGNORE INTO clients (addr) VALUES (?)", (OTHER,))
+        cid = conn.execute("SELECT id FROM clients WHERE addr = ?", (OTHER,)).fetchone()[0]
+        conn.execute("INSERT INTO client_labels (client_id, name, since, until) "
+                     "VALUES (?, 'sandbox-7', 0, NULL)", (cid,))
+    text = _cli(path, "--since", rpt.iso(NOW - H), "--until", rpt.iso(NOW))
+    egress = text.split("Egress by name", 1)[1].split("Egress to addresses never looked up")
+    by_name = [ln for ln in egress[0].splitlines() if "api.example.com" in ln]
+    assert any("sandbox-7" in ln for ln in by_name) and not any(OTHER in ln for ln in by_name)
+    assert "sandbox-7" in egress[1] and "203.0.113.12" in egress[1]

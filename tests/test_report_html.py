@@ -59,6 +59,22 @@ def log_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
         conn.execute("INSERT INTO connections (ts, source, destination, protocol, port, verdict, name) "
                      "VALUES (?,?,?,?,?,?,?)", (NOW - H, "127.0.0.1", "203.0.113.9", "tcp", 443, "deny",
                                                 "telemetry.example.com"))
+        # Let through (#12): a 15 MB upload to github.com (over the 10 MB warning), a small download
+        # from pypi.org, and a would-block flow to an address nobody looked up.
+        conn.executemany(
+            "INSERT INTO connections (ts, end_ts, source, source_port, destination, protocol, port, verdict, "
+            "name, rule, packets_out, bytes_out, packets_in, bytes_in) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            [(NOW - 2 * H, NOW - 2 * H + 60, "127.0.0.2", 40001, "192.0.2.80", "tcp", 443, "allowed",
+              "github.com", "github.com", 11000, 15_000_000, 3000, 200_000),
+             (NOW - 50 * 60, NOW - 49 * 60, "127.0.0.1", 40002, "192.0.2.81", "tcp", 443, "allowed",
+              "pypi.org", "pypi.org", 40, 4_000, 800, 1_200_000),
+             (NOW - 30 * 60, NOW - 30 * 60 + 5, "127.0.0.3", 40003, "198.51.100.7", "tcp", 443, "would-block",
+              None, None, 5, 900, 5, 700)])
+        # #14: 127.0.0.2 is a Docker container; #11: rows deleted for [log] max_size_mb.
+        client_id = conn.execute("SELECT id FROM clients WHERE addr = '127.0.0.2'").fetchone()[0]
+        conn.execute("INSERT INTO client_labels (client_id, name, since, until) VALUES (?, ?, 0, NULL)",
+                     (client_id, "openclaw-gateway"))
+        conn.execute("INSERT INTO log_size_drops (ts, dropped) VALUES (?, ?)", (NOW - H, 5000))
     return path
 
 
@@ -106,6 +122,25 @@ def test_page_is_self_contained_and_escaped(report_file: Path) -> None:
     # Overflow comes first: before the totals.
     assert page.index('id="overflow"') < page.index('class="cards"')
     assert "17 lookups in this window" in page
+    assert page.index('id="size-dropped"') < page.index('class="cards"') and "5,000 logged lookups" in page
+
+
+def test_page_shows_egress_by_name_and_client_names(report_file: Path) -> None:
+    page = report_file.read_text()
+    warning = page.index('class="warn large-upload"')
+    assert warning < page.index('class="cards"')  # a large upload is said before any figure
+    assert ("<b>openclaw-gateway</b> <code>127.0.0.2</code> sent 15 MB to <code>github.com</code> in 1 "
+            "connections") in page[warning:]
+    egress = page[page.index("<h2>Egress by name</h2>"):page.index("<h2>Egress to addresses never")]
+    # Largest upload first in the table; sizes as the terminal report writes them.
+    table = egress[egress.index("<table"):]
+    assert table.index("github.com") < table.index("pypi.org")
+    assert "15 MB" in egress and "1.2 MB" in egress and "large upload" in egress
+    assert "<b>openclaw-gateway</b>" in egress
+    unnamed = page[page.index("<h2>Egress to addresses never"):page.index("<h2>Allowed names that failed")]
+    assert "198.51.100.7" in unnamed and "would-block" in unnamed and "192.0.2.80" not in unnamed
+    clients = page[page.index("<h2>Clients</h2>"):page.index("<h2>Exfiltration-shaped")]
+    assert "<b>openclaw-gateway</b> <code>127.0.0.2</code>" in clients
 
 
 def test_cli_rejects_html_where_it_does_not_fit(log_db: Path) -> None:
@@ -160,6 +195,7 @@ def test_chromium_renders_the_charts_offline(browser, report_file: Path, tmp_pat
 
     assert series_count("timeline") == 4  # allowed, denied, would deny (audit), malformed / refused
     assert series_count("top_denied") == 1 and series_count("top_allowed") == 1
+    assert series_count("egress") == 1
     legend = page.eval_on_selector("#timeline svg .legends", "e => e.textContent")
     for outcome in ("allowed", "denied", "would deny (audit)", "malformed / refused"):
         assert outcome in legend

@@ -21,21 +21,12 @@ from resolver.cli.report_fmt import (
     style,
     use_colour,
 )
+from resolver.core.units import human_bytes
 from resolver.log import report as rpt
 from resolver.policy.config import ReportSettings, load_config
 
 _CONN_HEADERS = ["START (UTC)", "END", "CLIENT", "SOURCE", "DESTINATION", "PORT", "VERDICT", "NAME", "RULE",
                  "OUT", "IN"]
-
-
-def human_bytes(n: int | None) -> str:
-    """1234567 -> '1.2 MB' (decimal units, like the upload_warn_mb setting)."""
-    if n is None:
-        return "-"
-    for unit, size in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
 
 
 def upload_warn_mb(policy: str | None, value: float | None) -> float:
@@ -72,11 +63,13 @@ def overflow_lines(overflow: dict, colour: bool) -> list[str]:
 
 def egress_lines(data: dict, colour: bool) -> list[str]:
     """The summary's "Egress by name", large-upload warnings and unnamed egress, as text."""
-
     eg = data["egress"]
+    # A container's (or fenced user's) name in place of its address, as the lookups tables do.
+    names = data.get("client_names") or {}
     lines = overflow_lines(eg["overflow"], colour)
     for u in eg["large_uploads"]:
-        lines.append(style(f"LARGE UPLOAD: {u['client']} sent {human_bytes(u['bytes_out'])} to {u['name']} "
+        who = names.get(u["client"], u["client"])
+        lines.append(style(f"LARGE UPLOAD: {who} sent {human_bytes(u['bytes_out'])} to {u['name']} "
                             f"in {num(u['connections'])} connections ({human(u['first_seen'])} .. "
                             f"{human(u['last_seen'])} UTC; warning above {eg['upload_warn_mb']:g} MB)",
                             colour, fg="red", bold=True))
@@ -84,7 +77,8 @@ def egress_lines(data: dict, colour: bool) -> list[str]:
         title = "Egress by name (connections let through; largest upload first)"
         lines += ["", style(title, colour, bold=True)]
         rows = [[human_bytes(r["bytes_out"]), human_bytes(r["bytes_in"]), num(r["connections"]), r["name"],
-                 r["client"], ",".join(r["verdicts"]), human(r["first_seen"]), human(r["last_seen"])
+                 names.get(r["client"], r["client"]),
+                 ",".join(r["verdicts"]), human(r["first_seen"]), human(r["last_seen"])
                  + ("  LARGE UPLOAD" if r["large_upload"] else "")] for r in eg["egress_by_name"]]
         lines += columns(["OUT", "IN", "CONNS", "NAME", "CLIENT", "VERDICT", "FIRST SEEN", "LAST SEEN"], rows,
                         right={0, 1, 2}, colour=colour)
@@ -92,7 +86,8 @@ def egress_lines(data: dict, colour: bool) -> list[str]:
         lines += ["", style("Egress to addresses never looked up ([allow] cidrs, audit)", colour, bold=True)]
         rows = [[human_bytes(r["bytes_out"]), human_bytes(r["bytes_in"]), num(r["connections"]),
                  r["destination"] or "-", f"{r['protocol'] or '-'}/{r['port'] or '-'}", r["verdict"],
-                 human(r["first_seen"]), human(r["last_seen"]), ", ".join(r["clients"][:3])]
+                 human(r["first_seen"]), human(r["last_seen"]),
+                 ", ".join(names.get(c, c) for c in r["clients"][:3])]
                 for r in eg["unnamed_egress"]]
         lines += columns(["OUT", "IN", "CONNS", "DESTINATION", "PORT", "VERDICT", "FIRST SEEN", "LAST SEEN",
                          "CLIENTS"], rows, right={0, 1, 2}, colour=colour)

@@ -12,6 +12,7 @@ import html
 import re
 from typing import Any
 
+from resolver.core.units import human_bytes
 from resolver.log.report.query import ReportError, iso
 
 # One colour per outcome, in series order; chosen to stay apart for red-green colour blindness.
@@ -123,6 +124,55 @@ def _name_rows(rows: list[dict]) -> list[list[str]]:
              _when(r.get("first_seen")), _when(r.get("last_seen"))] for r in rows]
 
 
+def _client(addr: str, names: dict[str, str]) -> str:
+    # A container's (or fenced user's) name says more than its address; both are shown.
+    name = names.get(addr)
+    return f"<code>{_e(addr)}</code>" if name is None else f"<b>{_e(name)}</b> <code>{_e(addr)}</code>"
+
+
+def _egress_warnings(egress: dict, names: dict[str, str]) -> list[str]:
+    """Large uploads and unrecorded connections: at the top, before any figure."""
+    out = []
+    limit = f"{egress['upload_warn_mb']:g}"
+    for u in egress["large_uploads"]:
+        out.append(f'<div class="warn large-upload"><b>Large upload.</b> {_client(u["client"], names)} sent '
+                   f'{_e(human_bytes(u["bytes_out"]))} to <code>{_e(u["name"])}</code> in '
+                   f'{_n(u["connections"])} connections ({_when(u["first_seen"])} to '
+                   f'{_when(u["last_seen"])}), more than [report] upload_warn_mb = {_e(limit)} MB.</div>')
+    ov = egress["overflow"]
+    if ov["dropped"]:
+        out.append(f'<div class="warn" id="conn-overflow"><b>Connections missing.</b> {_n(ov["dropped"])} '
+                   f'connections were not recorded ({_n(ov["dropped_in_window"])} in this window, last '
+                   f'{_when(ov["last"])}).</div>')
+    return out
+
+
+def _egress_sections(egress: dict, names: dict[str, str]) -> list[str]:
+    """Egress by name (the largest upload first), then egress to addresses never looked up."""
+    rows = egress["egress_by_name"]
+    out = ["<h2>Egress by name</h2>"]
+    if rows:
+        top = rows[:15]
+        chart_rows = [{"name": f"{r['name']} <- {names.get(r['client'], r['client'])}",
+                       "count": r["bytes_out"]} for r in top]
+        chart = names_chart(chart_rows, "bytes out", COLOURS[2])
+        out.append(f'<div class="chart" id="egress">{chart}</div>')
+    out.append(_table(["name", "client", "connections", "out", "in", "first seen", "last seen"],
+                      [[f"<code>{_e(r['name'])}</code>" + (" <b>large upload</b>" if r["large_upload"]
+                                                           else ""),
+                        _client(r["client"], names), _n(r["connections"]), _e(human_bytes(r["bytes_out"])),
+                        _e(human_bytes(r["bytes_in"])), _when(r["first_seen"]), _when(r["last_seen"])]
+                       for r in rows], {2, 3, 4}, empty="no connections recorded in this window"))
+    out.append("<h2>Egress to addresses never looked up</h2>")
+    out.append(_table(["destination", "port", "verdict", "connections", "out", "in", "clients", "last seen"],
+                      [[f"<code>{_e(r['destination'])}</code>", _e(f"{r['protocol']}/{r['port']}"),
+                        _e(r["verdict"]), _n(r["connections"]), _e(human_bytes(r["bytes_out"])),
+                        _e(human_bytes(r["bytes_in"])), ", ".join(_client(c, names) for c in r["clients"]),
+                        _when(r["last_seen"])]
+                       for r in egress["unnamed_egress"]], {3, 4, 5}, empty="none in this window"))
+    return out
+
+
 def render(summary: dict, series: dict, clients: list[dict]) -> str:
     """The whole page as one string."""
     t = summary["totals"]
@@ -144,6 +194,16 @@ def render(summary: dict, series: dict, clients: list[dict]) -> str:
                      f'{_n(ov["in_window"])} lookups in this window ({_n(ov["total"])} in all, last '
                      f'{_when(ov["last"])}) were answered but not logged: the log queue was full. '
                      f"The figures below undercount.</div>")
+    sd = summary.get("size_dropped") or {}
+    if sd.get("total"):
+        parts.append(f'<div class="warn" id="size-dropped"><b>Oldest lookups deleted.</b> '
+                     f'{_n(sd["total"])} logged lookups ({_n(sd["in_window"])} deleted in this window, '
+                     f'last {_when(sd["last"])}) were deleted to keep the log under '
+                     f"<code>[log] max_size_mb</code>.</div>")
+    names = summary.get("client_names") or {}
+    egress = summary.get("egress")
+    if egress is not None:
+        parts += _egress_warnings(egress, names)
     cards = [("lookups", t["lookups"]), ("allowed", t["allow"]), ("denied", t["deny"]),
              ("in audit mode", t["audit"]), ("names", t["distinct_names"]),
              ("clients", t["distinct_clients"])]
@@ -162,7 +222,7 @@ def render(summary: dict, series: dict, clients: list[dict]) -> str:
                             _name_rows(rows), {1}))
     parts.append("<h2>Clients</h2>")
     parts.append(_table(["client", "lookups", "denied", "names", "first seen", "last seen"],
-                        [[f"<code>{_e(c['client'])}</code>", _n(c["lookups"]), _n(c["denied"]),
+                        [[_client(c["client"], names), _n(c["lookups"]), _n(c["denied"]),
                           _n(c["names"]), _when(iso(c["first"])), _when(iso(c["last"]))] for c in clients],
                         {1, 2, 3}))
     parts.append("<h2>Exfiltration-shaped names</h2>")
@@ -177,6 +237,8 @@ def render(summary: dict, series: dict, clients: list[dict]) -> str:
                           _e(c["name"] or "-"), _e(c["verdict"]), _n(c["count"]), _e(", ".join(c["sources"])),
                           _when(c["last_seen"])] for c in summary["blocked_connections"]], {4},
                         empty="none recorded in this window"))
+    if egress is not None:
+        parts += _egress_sections(egress, names)
     parts.append("<h2>Allowed names that failed upstream</h2>")
     parts.append(_table(["name", "rcode", "lookups", "clients", "last seen"],
                         [[f"<code>{_e(f['name'])}</code>", _e(f["rcode"]), _n(f["count"]),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from resolver.core.names import text_to_wire
+from resolver.core.units import human_bytes
 from resolver.policy import suspicious
 from resolver.policy.config import Config
 from resolver.policy.learn.collect import (
@@ -92,14 +93,6 @@ class Plan:
 
     def added(self) -> int:
         return sum(len(v) for v in self.sections.values())
-
-
-def human_bytes(n: int) -> str:
-    """12345 -> '12 KB' (decimal units, like [report] upload_warn_mb)."""
-    for unit, size in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{n} B"
 
 
 def _n(count: int, word: str) -> str:
