@@ -356,3 +356,10 @@ def test_cli_summary_egress_names_a_container_by_its_label(log_db: Path, tmp_pat
     by_name = [ln for ln in egress[0].splitlines() if "api.example.com" in ln]
     assert any("sandbox-7" in ln for ln in by_name) and not any(OTHER in ln for ln in by_name)
     assert "sandbox-7" in egress[1] and "203.0.113.12" in egress[1]
+    listing = json.loads(_cli(path, "connections", "--since", rpt.iso(NOW - H), "--until", rpt.iso(NOW),
+                              "--format", "json"))
+    validate(listing, rpt.CONNECTIONS_SCHEMA)
+    assert {(c["source"], c["client"], c["client_name"]) for c in listing["connections"]} == {
+        (AGENT, "agent", None), (OTHER, None, "sandbox-7")}
+    table = _cli(path, "connections", "--since", rpt.iso(NOW - H), "--until", rpt.iso(NOW))
+    assert any("sandbox-7" in ln and "203.0.113.12" in ln for ln in table.splitlines())

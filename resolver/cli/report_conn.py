@@ -118,9 +118,9 @@ def egress_csv_rows(data: dict) -> list[list[Any]]:
     return rows
 
 
-_CONN_CSV = ("id", "start", "end", "open", "duration_s", "source", "source_port", "client", "destination",
-             "protocol", "port", "name", "verdict", "rule", "packets_out", "bytes_out", "packets_in",
-             "bytes_in")
+_CONN_CSV = ("id", "start", "end", "open", "duration_s", "source", "source_port", "client", "client_name",
+             "destination", "protocol", "port", "name", "verdict", "rule", "packets_out", "bytes_out",
+             "packets_in", "bytes_in")
 
 
 @click.command("connections")
@@ -188,7 +188,8 @@ def connections_cmd(ctx: click.Context, db: str | None, since: str | None, until
         if not data["connections"]:
             lines.append("no connections in this window")
         else:
-            rows = [[human(r["start"]), "open" if r["open"] else human(r["end"])[11:], r["client"] or "-",
+            rows = [[human(r["start"]), "open" if r["open"] else human(r["end"])[11:],
+                     r["client"] or r["client_name"] or "-",
                      _endpoint(r["source"], r["source_port"]), r["destination"] or "-",
                      f"{r['protocol'] or '-'}/{'-' if r['port'] is None else r['port']}",
                      r["verdict"], r["name"] or "-", r["rule"] or "-", human_bytes(r["bytes_out"]),

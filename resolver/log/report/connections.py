@@ -140,7 +140,13 @@ def connections(db: Database, *, since: float | None, until: float | None,
     select = ", ".join(c if c in cols else f"NULL AS {c}" for c in (
         "end_ts", "source_port", "client", "rule", "packets_out", "bytes_out", "packets_in", "bytes_in"))
     cond, params = _where(db, since, until, filters)
-    rows = _rows(db, f"SELECT rowid AS id, ts, source, destination, protocol, port, verdict, name, {select} "
+    # The source's label (a container, a fenced user) at the time the connection started.
+    label = ("(SELECT l.name FROM client_labels l JOIN clients c ON c.id = l.client_id "
+             "WHERE c.addr = connections.source AND l.since <= connections.ts "
+             "AND (l.until IS NULL OR l.until > connections.ts) ORDER BY l.since DESC LIMIT 1)"
+             if "client_labels" in db.table_names() else "NULL")
+    rows = _rows(db, f"SELECT rowid AS id, ts, source, destination, protocol, port, verdict, name, {select}, "
+                     f"{label} AS client_name "
                      f"FROM connections WHERE {' AND '.join(cond)} ORDER BY ts DESC, rowid DESC LIMIT ?",
                  (*params, limit if limit else -1))
     rows.reverse()
@@ -155,6 +161,7 @@ def _row(r: dict, now: float) -> dict:
         "id": r["id"], "start": iso(r["ts"]), "end": iso(end), "open": is_open,
         "duration_s": round((now if end is None else end) - r["ts"], 3),
         "source": r["source"], "source_port": r["source_port"], "client": r["client"],
+        "client_name": r["client_name"],
         "destination": r["destination"], "protocol": r["protocol"], "port": r["port"], "name": r["name"],
         "verdict": r["verdict"], "rule": r["rule"],
         "packets_out": r["packets_out"], "bytes_out": r["bytes_out"],

@@ -292,9 +292,9 @@ CONNECTIONS_SCHEMA: dict = {
             "type": "array",
             "items": {
                 "type": "object",
-                "required": ["id", "start", "end", "open", "duration_s", "source", "source_port", "client",
-                             "destination", "protocol", "port", "name", "verdict", "rule", "packets_out",
-                             "bytes_out", "packets_in", "bytes_in"],
+                "required": ["id", "start", "end", "open", "duration_s", "source", "source_port",
+                             "client", "client_name", "destination", "protocol", "port", "name", "verdict",
+                             "rule", "packets_out", "bytes_out", "packets_in", "bytes_in"],
                 "additionalProperties": False,
                 "properties": {
                     "id": {"type": "integer"},
@@ -305,6 +305,9 @@ CONNECTIONS_SCHEMA: dict = {
                     "source": {"type": ["string", "null"]},
                     "source_port": {"type": ["integer", "null"]},
                     "client": {"type": ["string", "null"], "description": "the [[clients]] name"},
+                    "client_name": {"type": ["string", "null"],
+                                    "description": "the source's name when the connection started: a Docker "
+                                                   "container's, or user:NAME for a fenced user"},
                     "destination": {"type": ["string", "null"]},
                     "protocol": {"type": ["string", "null"]},
                     "port": {"type": ["integer", "null"], "description": "ICMP: the type"},
