@@ -4,7 +4,7 @@
 Builds policies of 10, 10,000 and 1,000,000 allow rules (half exact names, half
 ``*.`` wildcards, plus a few deny rules), and for each size reports:
 
-* load time: ``resolver.config.load_config`` on a policy.toml holding the rules
+* load time: ``resolver.policy.config.load_config`` on a policy.toml holding the rules
   (TOML parsing included), and building the ``resolver.policy.Matcher`` alone;
 * memory: bytes allocated while building the Matcher (tracemalloc) and the RSS growth;
 * per-lookup cost of ``Matcher.decide`` for exact hits, wildcard hits, misses,

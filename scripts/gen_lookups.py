@@ -5,7 +5,7 @@
     python scripts/gen_lookups.py --rows 10000000 --days 30 --db /tmp/lookups-10m.db
 
 Rows go straight into the base tables with ``executemany`` (the same schema the server
-writes, made by ``resolver.querylog``), spread evenly over the last ``--days`` days and
+writes, made by ``resolver.log.querylog``), spread evenly over the last ``--days`` days and
 in time order, as a running server would write them. Names follow a Zipf law over
 ``--names`` names: a few package-registry / code-host names take most lookups, a long
 tail of denied telemetry, ad and exfiltration-looking names trails behind. One client

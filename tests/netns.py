@@ -11,7 +11,7 @@ Only TEST-NET / documentation addresses and loopback. Nothing here touches the
 root namespace: every command runs under `ip netns exec <ours>` (links are
 created from inside the router namespace straight into their peers), and
 every socket the test process uses is created inside one of our namespaces
-(`resolver.ipsets.open_socket(..., netns=...)`). Namespaces are named
+(`resolver.fence.netlink.open_socket(..., netns=...)`). Namespaces are named
 ``dnsguard-test-<pid>-<n>-<role>``; `cleanup_stale()` removes those whose pid
 is gone, `Topology.destroy()` removes ours (call it from a finalizer).
 """

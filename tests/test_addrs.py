@@ -1,4 +1,4 @@
-"""resolver.addrs: which answer addresses are public, and rebinding stripping."""
+"""resolver.core.addrs: which answer addresses are public, and rebinding stripping."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`dnsguard learn` against real lookup-log files written by resolver.querylog's own writer."""
+"""`dnsguard learn` against real lookup-log files written by resolver.log.querylog's own writer."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ A, CNAME, AAAA, TXT = 1, 5, 28, 16
 def rec(name: str, *, ts: float = T0, client: str = "127.0.0.1", qtype: int = A, verdict: str = "deny",
         mode: str = "audit", rule: str | None = None, rcode: int | None = 0,
         answers: str | None = '["10.0.0.1"]', cached: bool = False, note: str | None = None) -> tuple:
-    """One lookup-log record (resolver.model.LOG_FIELDS order); default: answered in audit mode."""
+    """One lookup-log record (resolver.core.model.LOG_FIELDS order); default: answered in audit mode."""
     return (ts, client, "udp", text_to_wire(name), qtype, verdict, mode, rule, rcode, answers, cached, 1.0,
             note)
 

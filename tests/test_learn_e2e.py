@@ -89,7 +89,7 @@ def versions(db: Path) -> list[tuple]:
 
 def wait_versions(db: Path, n: int, timeout: float = 10.0) -> list[tuple]:
     wait_until(lambda: len(versions(db)) >= n, timeout,
-               what=f"{n} policy version(s) in {db} -- serve must call resolver.history.record_policy "
+               what=f"{n} policy version(s) in {db} -- serve must call resolver.policy.history.record_policy "
                     "at start and after each accepted reload")
     return versions(db)
 

@@ -1,4 +1,4 @@
-"""The hand-over to the writer process (`resolver.logproc.ProcessLog`): a real child process,
+"""The hand-over to the writer process (`resolver.log.logproc.ProcessLog`): a real child process,
 a real pipe (64 KiB unless it can be grown) and a real SQLite file."""
 
 from __future__ import annotations
