@@ -21,14 +21,19 @@ def test_import_contract_is_kept() -> None:
     assert "0 broken" in proc.stdout
 
 
-def test_an_upward_import_is_caught(tmp_path: Path) -> None:
-    """The contract can fail: a copy of the package with core importing the CLI breaks it."""
+@pytest.mark.parametrize(("module", "line"), [
+    ("core/model.py", "from resolver.cli import main"),  # upward: core importing the CLI
+    ("dns/wire.py", "from resolver.log import schema"),  # sideways: one sibling importing another
+    ("observe/metrics.py", "from resolver.fence import feeder"),
+], ids=["upward", "sibling-dns-log", "sibling-observe-fence"])
+def test_a_forbidden_import_is_caught(tmp_path: Path, module: str, line: str) -> None:
+    """The contract can fail: a copy of the package with one forbidden import breaks it."""
     exe = shutil.which("lint-imports")
     assert exe is not None
     shutil.copytree(ROOT / "resolver", tmp_path / "resolver", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    bad = tmp_path / "resolver" / "core" / "model.py"
-    bad.write_text(bad.read_text() + "\nfrom resolver.cli import main  # noqa: E402\n")
+    bad = tmp_path / "resolver" / module
+    bad.write_text(bad.read_text() + f"\n{line}  # noqa: E402\n")
     env = {"PYTHONPATH": str(tmp_path), "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"}
     proc = subprocess.run([exe, "--no-cache"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120, env=env)
