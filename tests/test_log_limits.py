@@ -74,6 +74,62 @@ def test_max_size_deletes_oldest_rows_and_their_rollup(tmp_path: Path) -> None:
     assert s["size_dropped"]["total"] == dropped
 
 
+def test_a_connection_flood_does_not_wipe_the_lookups(tmp_path: Path) -> None:
+    """Over max_size_mb with far more connection rows than lookups, deletion goes oldest-first
+    across both tables: the recent lookups stay, old finished connections go, an open one stays."""
+    from resolver.core.logdb import ensure_connections_table
+
+    path = tmp_path / "log.db"
+    start = time.time() - 7200
+    log = QueryLog(str(path), retention_days=None, batch_max=5000)
+    log.start()
+    # 2,000 lookups spread over the two hours; 30,000 connections, all in the second hour.
+    log.submit_many([record(j, start + j * 3.6) for j in range(2000)])
+    assert log.close()
+    with closing(sqlite3.connect(path)) as conn:
+        ensure_connections_table(conn)
+        conn.executemany(
+            "INSERT INTO connections (ts, end_ts, source, destination, protocol, port, verdict, name, "
+            "source_port, bytes_out, bytes_in) VALUES (?, ?, '192.0.2.2', ?, 'tcp', 443, 'allowed', "
+            "'api.flood.test', ?, 100, 100)",
+            [(start + 3600 + j * 0.1, start + 3600 + j * 0.1 + 1, f"203.0.113.{j % 250}", 1024 + j % 60000)
+             for j in range(30_000)])
+        conn.execute("INSERT INTO connections (ts, end_ts, source, destination, protocol, port, verdict) "
+                     "VALUES (?, NULL, '192.0.2.2', '203.0.113.1', 'tcp', 443, 'allowed')", (start,))
+        conn.commit()
+        over = used_bytes(conn)
+    limit_mb = over / 2 / 1048576  # half of what is there now
+    log = QueryLog(str(path), retention_days=None, max_size_mb=limit_mb, batch_max=5000)
+    log.start()
+
+    def settled() -> bool:
+        with closing(sqlite3.connect(path)) as conn:
+            return used_bytes(conn) <= limit_mb * 1048576 and not log._shrinking
+
+    wait_until(settled, 30.0, what="the log to shrink under max_size_mb")
+    assert log.close()
+    with closing(sqlite3.connect(path)) as conn:
+        lookups, oldest_lookup, newest_lookup = conn.execute(
+            "SELECT count(*), min(ts), max(ts) FROM lookup_rows").fetchone()
+        conns, oldest_conn = conn.execute(
+            "SELECT count(*), min(ts) FROM connections WHERE end_ts IS NOT NULL").fetchone()
+        still_open = conn.execute("SELECT count(*) FROM connections WHERE end_ts IS NULL").fetchone()[0]
+        dropped, dropped_conns = conn.execute(
+            "SELECT sum(dropped), sum(connections) FROM log_size_drops").fetchone()
+        counted = conn.execute("SELECT sum(n) FROM lookup_rollup").fetchone()[0]
+        db = Database(conn)
+        s = rpt.summary(db, since=None, until=None)
+    # What is kept is the most recent stretch of both tables: the lookups of that stretch stay
+    # (before, the connections' bulk made the writer delete every lookup and stop).
+    assert lookups > 0 and newest_lookup == pytest.approx(start + 1999 * 3.6)
+    assert dropped == 2000 - lookups and dropped_conns == 30_000 - conns > 0
+    assert oldest_conn > start + 3600 and still_open == 1
+    # The two tables were cut at the same time, give or take one chunk of connections (500 s).
+    assert abs(oldest_lookup - oldest_conn) < 5000 * 0.1 + 3.6
+    assert counted == lookups
+    assert s["size_dropped"]["total"] == dropped and s["size_dropped"]["connections"] == dropped_conns
+
+
 # ------------------------------------------------------------------ disk full
 def fill(directory: Path) -> Path:
     """Write a file until the file system says ENOSPC; return it."""

@@ -84,10 +84,12 @@ def overflow_lines(overflow: dict, colour: bool, size_dropped: dict | None = Non
         text = (f"WARNING: {num(overflow['total'])} lookups were not logged because the log queue was "
                 f"full ({num(overflow['in_window'])} in this window; last {human(overflow['last'])} UTC)")
         lines.append(style(text, colour, fg="red", bold=True))
-    if size_dropped and size_dropped["total"]:
-        text = (f"WARNING: {num(size_dropped['total'])} oldest logged lookups were deleted to keep the log "
-                f"under [log] max_size_mb ({num(size_dropped['in_window'])} in this window; last "
-                f"{human(size_dropped['last'])} UTC)")
+    if size_dropped and (size_dropped["total"] or size_dropped.get("connections")):
+        conns = size_dropped.get("connections") or 0
+        text = (f"WARNING: {num(size_dropped['total'])} oldest logged lookups"
+                + (f" and {num(conns)} finished connections" if conns else "")
+                + f" were deleted to keep the log under [log] max_size_mb ({num(size_dropped['in_window'])} "
+                f"lookups in this window; last {human(size_dropped['last'])} UTC)")
         lines.append(style(text, colour, fg="red", bold=True))
     return lines
 

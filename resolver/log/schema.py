@@ -15,7 +15,7 @@ from sqlite_utils import Database
 from resolver.core.logdb import MODE_CODES, TRANSPORT_CODES, VERDICT_CODES, ensure_connections_table
 from resolver.core.model import LOG_FIELDS
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # How long one SQLite call may wait for a lock. Python's default is 5 s, which would
 # leave the writer deaf to close() and to its own backoff for that long.
@@ -242,18 +242,42 @@ _ROLLUP_SUBTRACT_SQL = (
 
 
 def drop_oldest_rows(conn: sqlite3.Connection, limit: int, now: float) -> int:
-    """Delete up to ``limit`` of the oldest rows and their share of the rollup, and record how
-    many in ``log_size_drops``; the caller holds the transaction. Returns the rows deleted."""
-    row = conn.execute("SELECT max(id), count(*) FROM (SELECT id FROM lookup_rows ORDER BY id LIMIT ?)",
-                       (limit,)).fetchone()
-    upto, n = row[0], row[1]
-    if not n:
+    """Delete a chunk of the oldest rows -- logged lookups (and their share of the rollup) and
+    finished connections alike -- and record how many in ``log_size_drops``; the caller holds
+    the transaction. Returns the rows deleted (0: nothing left that may go).
+
+    Oldest by time across both tables: each chunk goes up to the earlier of the two tables'
+    ``limit``-th oldest row, so a flood of connection rows cannot push out every lookup (nor
+    the other way round) -- what is kept is the most recent stretch of both. A connection still
+    open is never deleted: the recorder completes its row when it closes.
+    """
+    lrow = conn.execute("SELECT max(id), count(*), max(ts) FROM "
+                        "(SELECT id, ts FROM lookup_rows ORDER BY id LIMIT ?)", (limit,)).fetchone()
+    crow = conn.execute("SELECT count(*), max(ts) FROM (SELECT ts FROM connections "
+                        "WHERE end_ts IS NOT NULL ORDER BY ts LIMIT ?)", (limit,)).fetchone()
+    ends = [t for n, t in ((lrow[1], lrow[2]), (crow[0], crow[1])) if n]
+    if not ends:
         return 0
-    conn.execute(_ROLLUP_SUBTRACT_SQL, (upto,))
-    conn.execute("DELETE FROM lookup_rollup WHERE n <= 0")
-    conn.execute("DELETE FROM lookup_rows WHERE id <= ?", (upto,))
-    conn.execute("INSERT INTO log_size_drops (ts, dropped) VALUES (?, ?)", (now, n))
-    return n
+    cutoff = min(ends)
+    lookups = 0
+    if lrow[1]:
+        # Rows are written in time order, so the chunk's ids up to the cutoff are its oldest.
+        upto = conn.execute("SELECT max(id) FROM (SELECT id, ts FROM lookup_rows ORDER BY id LIMIT ?) "
+                            "WHERE ts <= ?", (limit, cutoff)).fetchone()[0]
+        if upto is not None:
+            lookups, low, high = conn.execute(f"SELECT count(*), min({_HOUR_SQL}), max({_HOUR_SQL}) "
+                                              "FROM lookup_rows WHERE id <= ?", (upto,)).fetchone()
+            conn.execute(_ROLLUP_SUBTRACT_SQL, (upto,))
+            # Only the chunk's hours can have reached zero: no scan of the whole rollup.
+            conn.execute("DELETE FROM lookup_rollup WHERE hour BETWEEN ? AND ? AND n <= 0", (low, high))
+            conn.execute("DELETE FROM lookup_rows WHERE id <= ?", (upto,))
+    connections = conn.execute(
+        "DELETE FROM connections WHERE rowid IN (SELECT rowid FROM connections "
+        "WHERE end_ts IS NOT NULL AND ts <= ? ORDER BY ts LIMIT ?)", (cutoff, limit)).rowcount
+    if lookups or connections:
+        conn.execute("INSERT INTO log_size_drops (ts, dropped, connections) VALUES (?, ?, ?)",
+                     (now, lookups, connections))
+    return lookups + connections
 
 
 def used_bytes(conn: sqlite3.Connection) -> int:
@@ -277,10 +301,18 @@ def _migrate_to_5(db: Database) -> None:
     conn.execute(f"CREATE VIEW lookups AS {LOOKUPS_VIEW_SQL}")
 
 
+def _migrate_to_6(db: Database) -> None:
+    # [log] max_size_mb deletes finished connection rows too (oldest first, with the lookups):
+    # how many, beside the lookups, so a report can say that connections are missing.
+    cols = {r[1] for r in db.conn.execute("PRAGMA table_info(log_size_drops)")}
+    if "connections" not in cols:
+        db.conn.execute("ALTER TABLE log_size_drops ADD COLUMN connections INTEGER NOT NULL DEFAULT 0")
+
+
 # Index i migrates a database from user_version i to i + 1. Later issues append here
 # and bump SCHEMA_VERSION.
 MIGRATIONS: list[Callable[[Database], None]] = [_migrate_to_1, _migrate_to_2, _migrate_to_3,
-                                                 _migrate_to_4, _migrate_to_5]
+                                                 _migrate_to_4, _migrate_to_5, _migrate_to_6]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 

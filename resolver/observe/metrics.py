@@ -215,10 +215,14 @@ class LogFigures:
 
     def __call__(self) -> Iterator[Metric]:
         with self._lock:
-            dropped = self._read(lambda c: c.execute(
+            lookups = self._read(lambda c: c.execute(
                 "SELECT coalesce(sum(dropped), 0) FROM log_size_drops").fetchone()[0], 0)
-            families = [counter("dnsguard_log_size_dropped", "Logged lookups the writer deleted to keep the "
-                                "log under [log] max_size_mb.", [], [([], dropped)])]
+            conns = self._read(lambda c: c.execute(  # schema 6; an older log has no such column
+                "SELECT coalesce(sum(connections), 0) FROM log_size_drops").fetchone()[0], 0)
+            families = [counter("dnsguard_log_size_dropped", "Rows the writer deleted, oldest first, to keep "
+                                "the log under [log] max_size_mb, by table (lookups, connections).",
+                                ["table"],
+                                [(["lookups"], lookups), (["connections"], conns)])]
             if self.connections:
                 families += self._connection_families()
         yield from families

@@ -195,10 +195,11 @@ def render(summary: dict, series: dict, clients: list[dict]) -> str:
                      f'{_when(ov["last"])}) were answered but not logged: the log queue was full. '
                      f"The figures below undercount.</div>")
     sd = summary.get("size_dropped") or {}
-    if sd.get("total"):
-        parts.append(f'<div class="warn" id="size-dropped"><b>Oldest lookups deleted.</b> '
+    if sd.get("total") or sd.get("connections"):
+        conns = f' and {_n(sd["connections"])} finished connections' if sd.get("connections") else ""
+        parts.append(f'<div class="warn" id="size-dropped"><b>Oldest rows deleted.</b> '
                      f'{_n(sd["total"])} logged lookups ({_n(sd["in_window"])} deleted in this window, '
-                     f'last {_when(sd["last"])}) were deleted to keep the log under '
+                     f'last {_when(sd["last"])}){conns} were deleted to keep the log under '
                      f"<code>[log] max_size_mb</code>.</div>")
     names = summary.get("client_names") or {}
     egress = summary.get("egress")

@@ -214,6 +214,16 @@ def _overflow(db: Database, since: float | None, until: float | None, table: str
     return {"total": int(row["total"]), "in_window": int(win["n"]), "last": iso(row["last"])}
 
 
+def _size_dropped(db: Database, since: float | None, until: float | None) -> dict:
+    """Lookups (``total``...) and finished connections deleted for ``[log] max_size_mb``."""
+    out = _overflow(db, since, until, "log_size_drops")
+    out["connections"] = 0
+    if "log_size_drops" in db.table_names() and "connections" in db["log_size_drops"].columns_dict:
+        n = _rows(db, "SELECT coalesce(sum(connections), 0) AS n FROM log_size_drops")[0]["n"]
+        out["connections"] = int(n)
+    return out
+
+
 _KEY = ", ".join(f"r.{c}" for c in ROLLUP_COLUMNS)
 
 
@@ -418,7 +428,7 @@ def _head(db: Database, schema_id: str, since: float | None, until: float | None
         "window": {"since": iso(since), "until": iso(until)},
         "filters": filters.as_dict(),
         "overflow": _overflow(db, since, until),
-        "size_dropped": _overflow(db, since, until, "log_size_drops"),
+        "size_dropped": _size_dropped(db, since, until),
         "client_names": client_names(db, since, until),
     }
 

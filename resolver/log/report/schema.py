@@ -45,8 +45,12 @@ _OVERFLOW = {
 }
 _SIZE_DROPPED = {
     **_OVERFLOW,
+    "required": [*_OVERFLOW["required"], "connections"],
+    "properties": {**_OVERFLOW["properties"],
+                   "connections": {**_COUNT, "description": "finished connection rows deleted (cumulative)"}},
     "description": "Logged lookups deleted, oldest first, to keep the log under [log] max_size_mb "
-                   "(cumulative; `in_window` counts deletions made in the window, not the rows' times).",
+                   "(cumulative; `in_window` counts deletions made in the window, not the rows' times), "
+                   "and the finished connections deleted with them.",
 }
 _NAME_STAT = {
     "type": "object",
