@@ -97,3 +97,41 @@ def test_refused_counts_become_one_record_per_client_and_second():
                    (100.0, "192.0.2.2", "tcp", 5, "rate-limited: 1 queries"),
                    (101.0, "192.0.2.1", "udp", 5, "rate-limited: 1 queries")]
     assert all(len(r) == 13 for r in out)
+
+
+def test_a_real_client_idle_during_a_spoofed_flood_keeps_its_bucket():
+    """The reviewer's case: a client that has asked often, then idles 3 s while single-use
+    spoofed addresses fill the table, is still served when it comes back."""
+    from resolver.dns.ratelimit import ALLOWED, LIMITED_SHARED
+
+    rl = RateLimiter(10, max_clients=1000)
+    for k in range(20):  # a real client: many queries over two seconds
+        rl.check("192.0.2.1", k * 0.1)
+    t = 2.0
+    for i in range(30_000):  # spoofed single-use sources for three seconds
+        t = 2.0 + i * 0.0001
+        rl.check(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", t)
+    assert len(rl) <= 1000
+    # Pruning dropped the spoofed single-use buckets, not the client's: it gets its burst back.
+    answers = [rl.check("192.0.2.1", t + 0.01) for _ in range(12)]
+    assert answers.count(ALLOWED) == 10
+    # A new address while the table is full of fresh spoofed buckets: the shared bucket, refused.
+    for i in range(30_000, 31_000):
+        rl.check(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", t + 0.02)
+    assert rl.check("198.51.100.9", t + 0.02) == LIMITED_SHARED
+
+
+def test_shared_bucket_refusals_are_one_record_a_second():
+    out: list[tuple] = []
+    c = RefusedCounter(out.append, max_clients=3)
+    for i in range(5000):  # a spoofed flood: every address new, all in the shared bucket
+        c.count(f"10.0.{i >> 8}.{i & 255}", "udp", 200.0 + i / 10_000, "enforce", shared=True)
+    for i in range(10):  # own buckets: more addresses than the table holds -> the rest are shared
+        c.count(f"192.0.2.{i}", "udp", 200.5, "enforce")
+    c.flush("enforce", 201.0)
+    assert len(out) == 4  # three own records + one shared record, not 5,007
+    shared = [r for r in out if "shared bucket" in r[12]]
+    assert len(shared) == 1 and shared[0][0] == 200.0
+    assert shared[0][12] == "rate-limited: 5007 queries from more than 4096 addresses (shared bucket)"
+    assert sum(int(r[12].split()[1]) for r in out) == 5010
+    assert c.total == 5010

@@ -37,7 +37,7 @@ from resolver.core.errors import UpstreamError
 from resolver.core.model import Decision
 from resolver.dns import wire
 from resolver.dns.cache import AnswerCache, Entry
-from resolver.dns.ratelimit import RateLimiter, RefusedCounter
+from resolver.dns.ratelimit import LIMITED_SHARED, RateLimiter, RefusedCounter
 from resolver.dns.stats import UpstreamStats
 from resolver.dns.upstream import Cleaner, Upstream
 from resolver.dns.views import ClientView, classify, named_networks
@@ -193,8 +193,10 @@ class Resolver:
         t0 = time.monotonic()
         try:
             limiter = self.limiter
-            if limiter is not None and not limiter.allow(ip, t0):
-                return self._limited(data, ip, transport, t0)
+            if limiter is not None:
+                refused = limiter.check(ip, t0)
+                if refused:
+                    return self._limited(data, ip, transport, t0, refused == LIMITED_SHARED)
             if transport == "udp":
                 # A UDP query whose bytes after the ID this client sent before gets the same
                 # answer again: a denial always (until the policy changes: `use` drops the
@@ -425,9 +427,9 @@ class Resolver:
 
     # -- outcomes that are not answers ------------------------------------------------
 
-    def _limited(self, data: bytes, ip: str, transport: str, t0: float) -> bytes | None:
+    def _limited(self, data: bytes, ip: str, transport: str, t0: float, shared: bool) -> bytes | None:
         """Past the client's rate: counted for one row a second, REFUSED with EDE 18, no text."""
-        self.refused.count(ip, transport, t0 + self._wall_offset, self.config.mode)
+        self.refused.count(ip, transport, t0 + self._wall_offset, self.config.mode, shared)
         counts = self.counts
         try:
             _, qend, _, _, udp_size, do = wire.parse_query(data)
