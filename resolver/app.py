@@ -213,6 +213,16 @@ class App:
             later.append("[log] enabled/database")
         if nf.enabled != started.firewall.enabled:
             later.append("[firewall] enabled")
+        sf = started.firewall
+        if nf.enabled and (nf.record_connections, nf.connection_refresh) != (sf.record_connections,
+                                                                             sf.connection_refresh):
+            later.append("[firewall] record_connections/connection_refresh_s")
+        if new.docker != started.docker:
+            later.append("[docker] socket")
+        if new.metrics != started.metrics:
+            later.append("[metrics]")
+        if new.dnstap != started.dnstap:
+            later.append("[dnstap]")
         if nf.ports != started.firewall.ports:
             later.append("[firewall] ports (run `dnsguard firewall apply` again)")
         said = frozenset(later)

@@ -62,13 +62,13 @@ def test_settings_that_need_a_restart_are_named_once(dnsguard):
     base = make_policy(["127.0.0.1:9"], allow=["ok.test"])
     g = dnsguard(base, "--no-log")
     moved = dict(base, server=dict(base["server"], listen=["127.0.0.1:1"]),
-                 firewall={"ports": ["tcp/8443"]})
+                 firewall={"ports": ["tcp/8443"]}, docker={"socket": ""}, metrics={"listen": "127.0.0.1:0"})
     rewrite(g, moved, 1)
     g.proc.send_signal(signal.SIGHUP)  # the same file again: nothing new to say
     reloaded(g, 2)
     lines = [line for line in g.stderr_text().splitlines() if "only after a restart" in line]
     assert lines == ["dnsguard: policy reload: these changes take effect only after a restart: "
-                     "[firewall] ports (run `dnsguard firewall apply` again)"]
+                     "[docker] socket, [metrics], [firewall] ports (run `dnsguard firewall apply` again)"]
     # The listen address given on the command line wins over the file, so it did not change;
     # the server still answers where it listens.
     assert g.query("denied.test").rcode() == dns.rcode.NXDOMAIN
