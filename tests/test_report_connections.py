@@ -363,3 +363,18 @@ def test_cli_summary_egress_names_a_container_by_its_label(log_db: Path, tmp_pat
         (AGENT, "agent", None), (OTHER, None, "sandbox-7")}
     table = _cli(path, "connections", "--since", rpt.iso(NOW - H), "--until", rpt.iso(NOW))
     assert any("sandbox-7" in ln and "203.0.113.12" in ln for ln in table.splitlines())
+
+
+def test_a_short_window_reads_its_rows_through_the_indexes(log_db: Path) -> None:
+    """The window condition is three index ranges (began in it; began before, ended in it; still
+    open), not a scan of every connection before `--until`: SQLite's plan says so."""
+    from resolver.log.report.connections import _where
+
+    db = rpt.open_log(str(log_db))
+    try:
+        cond, params = _where(db, NOW - H, NOW, rpt.ConnFilters())
+        plan = " ".join(r[3] for r in db.conn.execute(
+            f"EXPLAIN QUERY PLAN SELECT count(*) FROM connections WHERE {' AND '.join(cond)}", params))
+    finally:
+        db.close()
+    assert "MULTI-INDEX OR" in plan and "ix_connections_end" in plan, plan

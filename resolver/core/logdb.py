@@ -88,6 +88,8 @@ def ensure_connections_table(conn: sqlite3.Connection, commit: bool = True) -> N
     # Open rows are found by the recorder on restart and by `report connections --open`.
     conn.execute("CREATE INDEX IF NOT EXISTS ix_connections_open ON connections (end_ts) "
                  "WHERE end_ts IS NULL")
+    # A report window finds the connections that began before it and ended inside it.
+    conn.execute("CREATE INDEX IF NOT EXISTS ix_connections_end ON connections (end_ts)")
     conn.execute(CONNECTION_OVERFLOW_SQL)
     if commit and conn.in_transaction:
         conn.commit()

@@ -307,6 +307,8 @@ def _migrate_to_6(db: Database) -> None:
     cols = {r[1] for r in db.conn.execute("PRAGMA table_info(log_size_drops)")}
     if "connections" not in cols:
         db.conn.execute("ALTER TABLE log_size_drops ADD COLUMN connections INTEGER NOT NULL DEFAULT 0")
+    # Report windows find connections by when they ended (see ensure_connections_table).
+    ensure_connections_table(db.conn, commit=False)
 
 
 # Index i migrates a database from user_version i to i + 1. Later issues append here

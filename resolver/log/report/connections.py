@@ -61,12 +61,20 @@ def _where(db: Database, since: float | None, until: float | None, filters: Conn
     params: list[object] = []
     cols = _columns(db)
     end = "end_ts" if "end_ts" in cols else "ts"
-    if until is not None:
-        cond.append("ts < ?")
-        params.append(until)
-    if since is not None:  # open at some time in the window: not over before it began
-        cond.append(f"({end} IS NULL OR {end} >= ?)")
-        params.append(since)
+    if since is None:
+        if until is not None:
+            cond.append("ts < ?")
+            params.append(until)
+    elif end == "ts":  # a log from before connections had an end: attempts, over when made
+        cond.append("ts >= ? AND ts < ?")
+        params += [since, float("inf") if until is None else until]
+    else:
+        # Open at some time in the window: began in it, or began before and ended (or not)
+        # after its start. Three ranges, each on an index (SQLite's multi-index OR), so a
+        # short window on a long log reads its own rows, not every row before `until`.
+        upto = float("inf") if until is None else until
+        cond.append("((ts >= ? AND ts < ?) OR (ts < ? AND end_ts >= ?) OR (end_ts IS NULL AND ts < ?))")
+        params += [since, upto, since, since, upto]
     client = filters.client.strip() if filters.client else None
     if client:
         try:
