@@ -6,7 +6,8 @@ Checks, in order (a failed prerequisite marks what depends on it as failed, not 
 2. dnsguard answers on every listen address;
 3. the lookup log is there and writable;
 4. fence rules are applied, enforcing, cover the agent and match the policy;
-5. the firewall sets exist and are being fed;
+5. the firewall sets exist and are being fed; conntrack accounting is on when connections
+   are recorded;
 6. the agent's resolver is dnsguard (the container's DNS from the Docker API, or the user's
    DNS redirect in the nat table);
 7. from the agent's side (``docker exec``, or running as the user): a denied name gets
@@ -33,6 +34,7 @@ from typing import Any
 
 from resolver.core.addrs import user_source
 from resolver.core.errors import DnsguardError
+from resolver.fence.conntrack import ACCT_SYSCTLS, accounting_state
 from resolver.fence.firewall import CHAIN, CHAIN_REJECT, Runner, spec_from_config, status
 from resolver.fence.ipsets import DEFAULT_SET4, SetFeeder
 from resolver.fence.nflog import DEFAULT_GROUP as NFLOG_GROUP
@@ -397,6 +399,20 @@ def diagnose(policy_path: str, *, container: str | None = None, user: str | None
                              "dnsguard serve --firewall is feeding it" if feeding else
                              f"no dnsguard serve --firewall here (NFLOG group {NFLOG_GROUP} unbound)"),
                          "run serve with --firewall (or [firewall] enabled = true) so answers reach the set")
+
+        # 5b. byte counts for the connection recorder: `serve` cannot turn them on under its unit
+        if cfg.firewall.record_connections:
+            try:
+                acct = accounting_state(netns).get(ACCT_SYSCTLS[0])
+            except OSError as exc:
+                acct, why = None, f"cannot read it: {exc}"
+            else:
+                why = "nf_conntrack is not loaded (no fence rules?)" if acct is None else ""
+            off = "off (net.netfilter.nf_conntrack_acct=0): connection rows get no byte counts"
+            diag.add("connection accounting", acct is True,
+                     "on: recorded connections get byte counts" if acct else why or off,
+                     f"`{_apply_example(policy_path, agent)}` as root turns it on (dnsguard-fence.service "
+                     "does at boot), or `sysctl -w net.netfilter.nf_conntrack_acct=1`")
 
     # 6. the agent's resolver
     if cfg is not None and agent is not None:

@@ -482,6 +482,55 @@ def test_cli_apply_status_show_remove(topo, servers, router, tmp_path) -> None:
     assert bad.returncode == 2 and "not both" in bad.stderr
 
 
+ACCT = "/proc/sys/net/netfilter/nf_conntrack_acct"
+
+
+def test_apply_turns_on_conntrack_accounting_and_status_and_doctor_say_so(topo, router, tmp_path) -> None:
+    """`serve` cannot write /proc/sys under its unit (ProtectKernelTunables=yes): the fence's
+    apply, run as root, turns byte counting on in the namespace it fences."""
+    from resolver.doctor import diagnose
+
+    def acct() -> str:
+        return topo.ns(topo.router, "cat", ACCT).stdout.strip()
+
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'[server]\nlisten = ["{ROUTER_IN4}:53"]\n[upstream]\nservers = ["203.0.113.53:53"]\n'
+                      f'[log]\ndatabase = "{tmp_path / "log.db"}"\n')
+    who = ["--source", AGENT_NET4, "--source", AGENT_NET6, "--policy", str(policy)]
+    fw.apply(container_spec(), router)  # loads nf_conntrack here, whose sysctl this is
+    topo.ns(topo.router, "sysctl", "-qw", "net.netfilter.nf_conntrack_acct=0")
+    assert acct() == "0"
+    st = fw.status(router, spec=container_spec())
+    assert st.accounting is not None and st.accounting["net.netfilter.nf_conntrack_acct"] is False
+    assert any("conntrack accounting is off" in p for p in st.problems), st.describe()
+    cli = _cli(topo, "status", *who, check=False)
+    assert cli.returncode == 1 and "conntrack accounting (connection byte counts): off" in cli.stdout
+    check = {c.name: c for c in diagnose(str(policy), netns=topo.router).checks}["connection accounting"]
+    assert not check.ok and "nf_conntrack_acct=0" in check.detail and "firewall apply" in check.fix
+    assert "sysctl -w net.netfilter.nf_conntrack_acct=1" in _cli(topo, "apply", "--dry-run", *who).stdout
+    assert acct() == "0"  # --dry-run changes nothing
+
+    assert "applied" in _cli(topo, "apply", *who).stdout
+    assert acct() == "1"
+    assert topo.ns(topo.router, "cat", ACCT.replace("acct", "timestamp")).stdout.strip() == "1"
+    st = fw.status(router, spec=container_spec())
+    assert st.accounting["net.netfilter.nf_conntrack_acct"] is True
+    assert not any("accounting" in p for p in st.problems), st.describe()
+    shown = _cli(topo, "status", *who, check=False).stdout
+    assert "conntrack accounting (connection byte counts): on" in shown
+    check = {c.name: c for c in diagnose(str(policy), netns=topo.router).checks}["connection accounting"]
+    assert check.ok and check.fix is None, check
+
+    # No connection recording: apply leaves the sysctl alone, and nobody calls it a problem.
+    topo.ns(topo.router, "sysctl", "-qw", "net.netfilter.nf_conntrack_acct=0")
+    policy.write_text(policy.read_text() + "[firewall]\nrecord_connections = false\n")
+    _cli(topo, "apply", *who)
+    assert acct() == "0"
+    assert "accounting" not in _cli(topo, "status", *who, check=False).stdout.split("problems:")[-1]
+    assert "connection accounting" not in {c.name for c in diagnose(str(policy), netns=topo.router).checks}
+    topo.ns(topo.router, "sysctl", "-qw", "net.netfilter.nf_conntrack_acct=1")
+
+
 # ------------------------------------------------------------------ end to end: dnsguard serve --firewall
 
 def test_serve_firewall_end_to_end(topo, servers, dnsmasq, router, tmp_path) -> None:
