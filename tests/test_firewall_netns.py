@@ -531,6 +531,38 @@ def test_apply_turns_on_conntrack_accounting_and_status_and_doctor_say_so(topo, 
     topo.ns(topo.router, "sysctl", "-qw", "net.netfilter.nf_conntrack_acct=1")
 
 
+def test_the_fence_units_reload_reapplies_with_the_new_args(topo, servers, router, tmp_path) -> None:
+    """`systemctl reload dnsguard-fence` runs the unit's ExecReload= with fence.env read again: from
+    audit to enforce in place, the rules never absent in between (so Docker need not be touched)."""
+    import shlex
+
+    unit = (REPO / "resolver" / "deploy" / "systemd" / "dnsguard-fence.service").read_text()
+    reload = next(ln for ln in unit.splitlines() if ln.startswith("ExecReload=")).removeprefix("ExecReload=")
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'[server]\nlisten = ["{ROUTER_IN4}:53"]\n[upstream]\nservers = ["203.0.113.53:53"]\n')
+
+    def systemctl_reload(fence_args: str) -> None:
+        argv = []
+        for word in shlex.split(reload.replace("/etc/dnsguard/policy.toml", str(policy))):
+            argv += shlex.split(fence_args) if word == "$FENCE_ARGS" else [word]
+        assert argv[0] == "/usr/local/bin/dnsguard"
+        p = subprocess.run(["ip", "netns", "exec", topo.router, sys.executable, "-m", "resolver", *argv[1:]],
+                           capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert p.returncode == 0 and "fence applied" in p.stdout, p
+
+    systemctl_reload(f"--source {AGENT_NET4} --source {AGENT_NET6} --audit")
+    assert topo.tcp_connect(topo.agent, S1, 443) == "ok"  # audit: nothing blocked
+    audit = normalised_save(router, 4)
+    systemctl_reload(f"--source {AGENT_NET4} --source {AGENT_NET6}")
+    assert topo.tcp_connect(topo.agent, S1, 443) == "refused"
+    enforce = normalised_save(router, 4)
+    assert enforce != audit and sum("-j DNSGUARD" in ln and not ln.startswith("-A DNSGUARD")
+                                    for ln in enforce) == 1
+    systemctl_reload(f"--source {AGENT_NET4} --source {AGENT_NET6}")  # again: nothing changes
+    assert normalised_save(router, 4) == enforce
+
+
 # ------------------------------------------------------------------ end to end: dnsguard serve --firewall
 
 def test_serve_firewall_end_to_end(topo, servers, dnsmasq, router, tmp_path) -> None:
