@@ -511,6 +511,37 @@ def test_report_connections_reads_the_recorded_rows(topo, router, http, serve) -
 
 
 
+# ------------------------------------------------------------------ doctor
+
+def test_doctor_proves_the_sets_are_fed(topo, router, serve) -> None:  # noqa: F811
+    """Not just "something bound NFLOG": the addresses dnsguard answered lately are in the set."""
+    from resolver.doctor import diagnose
+
+    def sets_check() -> tuple[bool, str]:
+        check = {c.name: c for c in diagnose(str(serve), netns=topo.router).checks}["firewall sets"]
+        return check.ok, check.detail
+
+    def logged_since(t: float) -> bool:
+        try:
+            with sqlite3.connect(_db(serve)) as conn:
+                return bool(conn.execute("SELECT 1 FROM lookups WHERE qname = 'allowed.test' AND ts >= ?",
+                                         (t,)).fetchone())
+        except sqlite3.OperationalError:  # the writer has not made its tables yet
+            return False
+
+    apply_container(router, serve)
+    t0 = time.time()
+    resolve(topo)
+    wait_until(lambda: logged_since(t0), 10, what="the answer in the log")
+    ok, detail = sets_check()
+    assert ok and "being fed" in detail and "are in it" in detail, detail
+    topo.ns(topo.router, "ipset", "flush", "dnsguard4")  # answered, but no longer in the set
+    ok, detail = sets_check()
+    assert not ok and f"({S0})" in detail and "answers are not reaching the set" in detail, detail
+    resolve(topo)  # serve feeds it again on the next answer
+    assert sets_check()[0]
+
+
 # ------------------------------------------------------------------ the recorder dies
 
 def _recorder_pids(policy: Path) -> list[int]:

@@ -6,8 +6,8 @@ Checks, in order (a failed prerequisite marks what depends on it as failed, not 
 2. dnsguard answers on every listen address;
 3. the lookup log is there and writable;
 4. fence rules are applied, enforcing, cover the agent and match the policy;
-5. the firewall sets exist and are being fed; conntrack accounting is on when connections
-   are recorded;
+5. the firewall sets exist and are being fed (the addresses dnsguard answered lately are in
+   them); conntrack accounting is on when connections are recorded;
 6. the agent's resolver is dnsguard (the container's DNS from the Docker API, or the user's
    DNS redirect in the nat table);
 7. from the agent's side (``docker exec``, or running as the user): a denied name gets
@@ -23,11 +23,13 @@ resolver.core (never resolver.app or resolver.cli). ``agent``: the agent side.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import secrets
 import socket
 import sqlite3
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -278,6 +280,7 @@ def diagnose(policy_path: str, *, container: str | None = None, user: str | None
         try:
             with SetFeeder(1, 1, netns=netns) as feeder:
                 info4 = feeder.info(DEFAULT_SET4)
+                members = feeder.members(DEFAULT_SET4) if info4 is not None else {}
         except (OSError, DnsguardError) as exc:
             info4 = None
             diag.add("firewall sets", False, f"cannot read ipsets: {exc}", "run doctor as root")
@@ -286,12 +289,10 @@ def diagnose(policy_path: str, *, container: str | None = None, user: str | None
                 diag.add("firewall sets", False, f"set {DEFAULT_SET4} does not exist",
                          "`dnsguard firewall apply ...` creates it; `dnsguard serve --firewall` fills it")
             else:
-                # `serve --firewall` binds the fence's NFLOG group while it feeds the sets.
-                feeding = _nflog_bound(runner, NFLOG_GROUP)
-                diag.add("firewall sets", feeding, f"{DEFAULT_SET4}: {info4.entries} addresses; " + (
-                             "dnsguard serve --firewall is feeding it" if feeding else
-                             f"no dnsguard serve --firewall here (NFLOG group {NFLOG_GROUP} unbound)"),
-                         "run serve with --firewall (or [firewall] enabled = true) so answers reach the set")
+                ok, detail = _feeding(runner, db_path, members, cfg.firewall.min_ttl)
+                diag.add("firewall sets", ok, f"{DEFAULT_SET4}: {info4.entries} addresses; {detail}",
+                         "run serve with --firewall (or [firewall] enabled = true), in the namespace the "
+                         "fence is in, so answers reach the set")
 
         # 5b. byte counts for the connection recorder: `serve` cannot turn them on under its unit
         if cfg.firewall.record_connections:
@@ -387,6 +388,50 @@ def _apply_example(policy_path: str, agent: Agent | None) -> str:
                 nets.append(str(ipaddress.ip_network(f"{ip}/{plen}", strict=False)))
         return f"dnsguard firewall apply --policy {policy_path} " + " ".join(f"--source {n}" for n in nets)
     return f"dnsguard firewall apply --policy {policy_path} --source SUBNET (or --user NAME)"
+
+
+def _answered(db: str | None, since: float) -> dict[str, float]:
+    """IPv4 address -> when dnsguard last answered it, from the newest lookups since ``since``."""
+    if not db:
+        return {}
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
+            rows = conn.execute("SELECT ts, answers FROM lookups WHERE ts >= ? AND answers IS NOT NULL "
+                                "ORDER BY id DESC LIMIT 500", (since,)).fetchall()
+    except sqlite3.Error:
+        return {}
+    out: dict[str, float] = {}
+    for ts, answers in rows:
+        try:
+            items = json.loads(answers)
+        except ValueError:
+            continue
+        for item in items if isinstance(items, list) else ():
+            if isinstance(item, str) and re.fullmatch(r"\d+\.\d+\.\d+\.\d+", item):
+                out[item] = max(ts, out.get(item, ts))
+    return out
+
+
+def _feeding(runner: Runner, db: str | None, members: dict, min_ttl: int) -> tuple[bool, str]:
+    """Whether `serve --firewall` feeds the set: the addresses it answered lately are in it.
+
+    An entry lasts at least ``[firewall] min_ttl`` after each answer, so an address answered
+    within that time and missing from the set was not fed; one in it was. With no answer to
+    go by, it falls back to whether anything has bound the fence's NFLOG group (serve does).
+    """
+    if not _nflog_bound(runner, NFLOG_GROUP):
+        return False, f"no dnsguard serve --firewall here (NFLOG group {NFLOG_GROUP} unbound)"
+    now = time.time()
+    answered = _answered(db, now - max(min_ttl, 60))
+    fed = [ip for ip in answered if ip in members]
+    must = [ip for ip, ts in answered.items() if ts >= now - (min_ttl - 2)]
+    if fed:
+        return True, (f"being fed: {len(fed)} of the {len(answered)} IPv4 addresses dnsguard answered "
+                      f"lately are in it")
+    if must:
+        return False, (f"none of the {len(must)} IPv4 addresses dnsguard answered in the last {min_ttl} s "
+                       f"is in it ({', '.join(sorted(must)[:3])}): answers are not reaching the set")
+    return True, "dnsguard serve --firewall is running (no recent answer to check the set against)"
 
 
 def _nflog_bound(runner: Runner, group: int) -> bool:
