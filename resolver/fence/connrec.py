@@ -56,6 +56,7 @@ from resolver.fence.conntrack import (
     PROTOCOLS,
     CtEntry,
     CtSocket,
+    accounting_state,
     enable_accounting,
     parse_messages,
 )
@@ -179,7 +180,10 @@ class ConnRecorder:
     # -- lifecycle
     def start(self) -> None:
         try:
-            enable_accounting(self.netns)
+            # `firewall apply` (root) has normally done it: under the shipped unit /proc/sys is
+            # read-only for us, and a write would only fail.
+            if not all(accounting_state(self.netns).values()):
+                enable_accounting(self.netns)
         except OSError as exc:  # rows still come; only their byte counts may be missing
             self.last_error = f"conntrack accounting: {exc}"
             print(f"dnsguard: cannot turn on conntrack accounting (net.netfilter.nf_conntrack_acct), "
