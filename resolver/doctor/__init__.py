@@ -30,6 +30,7 @@ import secrets
 import socket
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -289,7 +290,8 @@ def diagnose(policy_path: str, *, container: str | None = None, user: str | None
                 diag.add("firewall sets", False, f"set {DEFAULT_SET4} does not exist",
                          "`dnsguard firewall apply ...` creates it; `dnsguard serve --firewall` fills it")
             else:
-                ok, detail = _feeding(runner, db_path, members, cfg.firewall.min_ttl)
+                ok, detail = _feeding(runner, db_path, members, cfg.firewall.min_ttl, cfg.server.listen,
+                                      netns)
                 diag.add("firewall sets", ok, f"{DEFAULT_SET4}: {info4.entries} addresses; {detail}",
                          "run serve with --firewall (or [firewall] enabled = true), in the namespace the "
                          "fence is in, so answers reach the set")
@@ -390,48 +392,87 @@ def _apply_example(policy_path: str, agent: Agent | None) -> str:
     return f"dnsguard firewall apply --policy {policy_path} --source SUBNET (or --user NAME)"
 
 
-def _answered(db: str | None, since: float) -> dict[str, float]:
-    """IPv4 address -> when dnsguard last answered it, from the newest lookups since ``since``."""
+def _answered(db: str | None, since: float) -> dict[str, tuple[float, str]]:
+    """IPv4 address -> (when, name) dnsguard last answered it, from the newest lookups since ``since``."""
     if not db:
         return {}
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
-            rows = conn.execute("SELECT ts, answers FROM lookups WHERE ts >= ? AND answers IS NOT NULL "
-                                "ORDER BY id DESC LIMIT 500", (since,)).fetchall()
+            rows = conn.execute("SELECT ts, qname, answers FROM lookups WHERE ts >= ? AND answers IS NOT "
+                                "NULL ORDER BY id DESC LIMIT 500", (since,)).fetchall()
     except sqlite3.Error:
         return {}
-    out: dict[str, float] = {}
-    for ts, answers in rows:
+    out: dict[str, tuple[float, str]] = {}
+    for ts, qname, answers in rows:
         try:
             items = json.loads(answers)
         except ValueError:
             continue
         for item in items if isinstance(items, list) else ():
-            if isinstance(item, str) and re.fullmatch(r"\d+\.\d+\.\d+\.\d+", item):
-                out[item] = max(ts, out.get(item, ts))
+            if isinstance(item, str) and re.fullmatch(r"\d+\.\d+\.\d+\.\d+", item) and item not in out:
+                out[item] = (ts, qname)
     return out
 
 
-def _feeding(runner: Runner, db: str | None, members: dict, min_ttl: int) -> tuple[bool, str]:
+def _refed(ip: str, qname: str, listen: Sequence[tuple[str, int]], netns: str | None) -> bool:
+    """Ask dnsguard for ``qname`` again (a cache hit feeds the set, at most once a second per
+    answer) until ``ip`` is in the set; a few tries."""
+    import dns.message
+
+    from resolver.fence.ipsets import open_socket
+
+    for attempt in range(3):
+        if attempt:
+            time.sleep(1.1)
+        for host, port in listen:
+            if ipaddress.ip_address(host).is_unspecified:
+                host = "127.0.0.1" if ":" not in host else "::1"
+            try:
+                with open_socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM,
+                                 netns=netns) as s:
+                    s.settimeout(2.0)
+                    s.connect((host, port))
+                    s.send(dns.message.make_query(qname, "A").to_wire())
+                    s.recv(4096)
+            except OSError:
+                continue
+        try:
+            with SetFeeder(1, 1, netns=netns) as feeder:
+                if ip in feeder.members(DEFAULT_SET4):
+                    return True
+        except (OSError, DnsguardError):
+            return False
+    return False
+
+
+def _feeding(runner: Runner, db: str | None, members: dict, min_ttl: int,
+             listen: Sequence[tuple[str, int]], netns: str | None) -> tuple[bool, str]:
     """Whether `serve --firewall` feeds the set: the addresses it answered lately are in it.
 
     An entry lasts at least ``[firewall] min_ttl`` after each answer, so an address answered
-    within that time and missing from the set was not fed; one in it was. With no answer to
-    go by, it falls back to whether anything has bound the fence's NFLOG group (serve does).
+    within that time and missing from the set was not fed -- or the set was made again since
+    (`firewall remove` + `apply`), which empties it until the next answer: then dnsguard is
+    asked again, and must put it back. With no answer to go by, it falls back to whether
+    anything has bound the fence's NFLOG group (serve does).
     """
     if not _nflog_bound(runner, NFLOG_GROUP):
         return False, f"no dnsguard serve --firewall here (NFLOG group {NFLOG_GROUP} unbound)"
     now = time.time()
     answered = _answered(db, now - max(min_ttl, 60))
     fed = [ip for ip in answered if ip in members]
-    must = [ip for ip, ts in answered.items() if ts >= now - (min_ttl - 2)]
+    must = [ip for ip, (ts, _) in answered.items() if ts >= now - (min_ttl - 2)]
     if fed:
         return True, (f"being fed: {len(fed)} of the {len(answered)} IPv4 addresses dnsguard answered "
                       f"lately are in it")
-    if must:
-        return False, (f"none of the {len(must)} IPv4 addresses dnsguard answered in the last {min_ttl} s "
-                       f"is in it ({', '.join(sorted(must)[:3])}): answers are not reaching the set")
-    return True, "dnsguard serve --firewall is running (no recent answer to check the set against)"
+    if not must:
+        return True, "dnsguard serve --firewall is running (no recent answer to check the set against)"
+    ip = must[0]
+    qname = answered[ip][1]
+    if _refed(ip, qname, listen, netns):
+        return True, f"being fed: asked for {qname} again, dnsguard put {ip} back in it"
+    return False, (f"none of the {len(must)} IPv4 addresses dnsguard answered in the last {min_ttl} s is in "
+                   f"it, and asking for {qname} again did not put {ip} there: answers are not reaching "
+                   "the set")
 
 
 def _nflog_bound(runner: Runner, group: int) -> bool:
