@@ -176,12 +176,12 @@ class ConnRecorderProcess:
             self.up = False
             self.restarts += 1
             since = time.time()
+            if time.monotonic() - up_since >= STABLE_S:  # it had been running a while: start over
+                delay = self.restart_min
             print(f"dnsguard: the connection recorder exited (status {proc.returncode}); connections are "
                   f"not recorded until it is back, restarting in {delay:.0f} s", file=sys.stderr, flush=True)
             gap = self._write("INSERT INTO connection_gaps (since, until, reason) VALUES (?, NULL, ?)",
                               (since, f"connection recorder exited with status {proc.returncode}"))
-            if time.monotonic() - up_since >= STABLE_S:
-                delay = self.restart_min
             failures = 0
             while not self._respawned(delay):
                 if self._stopping:
