@@ -9,12 +9,14 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import signal
 import socket
 import sqlite3
 import struct
 import subprocess
 import sys
 import threading
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -47,6 +49,7 @@ REPO = Path(__file__).resolve().parent.parent
 NOBODY = 65534
 S0, S1, S2 = SERVER4
 USER_PORT = 5353
+METRICS_PORT = 9154
 ROUTER_OUT4 = "198.51.100.1"
 # Per packet: IPv4 20 + TCP 20..60 bytes of headers; plus the HTTP request/response heads.
 HEADERS_PER_PACKET = 80
@@ -125,7 +128,8 @@ def serve(topo: Topology, dnsmasq: str, tmp_path_factory: pytest.TempPathFactory
         '[firewall]\nenabled = true\nmin_ttl = 60\nconnection_refresh_s = 1\n'
         f'[[clients]]\nname = "agent"\nsources = ["{AGENT_NET4}"]\n')
     proc = topo.spawn(topo.router, sys.executable, "-m", "resolver", "serve", "--policy", str(policy),
-                      "--firewall", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                      "--firewall", "--metrics", f"127.0.0.1:{METRICS_PORT}", stdout=subprocess.DEVNULL,
+                      stderr=subprocess.PIPE, text=True, cwd=REPO,
                       env={**os.environ, "PYTHONPATH": str(REPO)})
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
@@ -505,3 +509,119 @@ def test_report_connections_reads_the_recorded_rows(topo, router, http, serve) -
     assert any(c["bytes_out"] and c["bytes_out"] >= 300_000 for c in data["connections"])
 
 
+
+
+# ------------------------------------------------------------------ doctor
+
+def test_doctor_proves_the_sets_are_fed(topo, router, serve) -> None:  # noqa: F811
+    """Not just "something bound NFLOG": the addresses dnsguard answered lately are in the set."""
+    from resolver.doctor import diagnose
+
+    def sets_check() -> tuple[bool, str]:
+        check = {c.name: c for c in diagnose(str(serve), netns=topo.router).checks}["firewall sets"]
+        return check.ok, check.detail
+
+    def logged_since(t: float) -> bool:
+        try:
+            with sqlite3.connect(_db(serve)) as conn:
+                return bool(conn.execute("SELECT 1 FROM lookups WHERE qname = 'allowed.test' AND ts >= ?",
+                                         (t,)).fetchone())
+        except sqlite3.OperationalError:  # the writer has not made its tables yet
+            return False
+
+    apply_container(router, serve)
+    t0 = time.time()
+    resolve(topo)
+    wait_until(lambda: logged_since(t0), 10, what="the answer in the log")
+    ok, detail = sets_check()
+    assert ok and "being fed" in detail and "are in it" in detail, detail
+    # Answered, no longer in the set (as after `firewall remove` + `apply`): doctor asks dnsguard
+    # again, and serve puts it back.
+    topo.ns(topo.router, "ipset", "flush", "dnsguard4")
+    ok, detail = sets_check()
+    assert ok and f"asked for allowed.test again, dnsguard put {S0} back in it" in detail, detail
+
+    # A set serve cannot add to (no timeout support): its answers never reach it.
+    fw.remove(router)
+    topo.ns(topo.router, "ipset", "create", "dnsguard4", "hash:ip", "family", "inet")
+    try:
+        t1 = time.time()
+        assert ask(topo, "allowed.test") == [S0]
+        wait_until(lambda: logged_since(t1), 10, what="the answer in the log")
+        ok, detail = sets_check()
+        assert not ok and f"did not put {S0} there: answers are not reaching the set" in detail, detail
+    finally:
+        topo.ns(topo.router, "ipset", "destroy", "dnsguard4")
+    apply_container(router, serve)
+    resolve(topo)
+    assert sets_check()[0]
+
+
+# ------------------------------------------------------------------ the recorder dies
+
+def _recorder_pids(policy: Path) -> list[int]:
+    """The recorder processes writing this module's log (their argv names it)."""
+    db = str(_db(policy)).encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"resolver.fence.connproc" in argv and db in argv:
+                pids.append(int(entry))
+    return pids
+
+
+def _metrics(topo: Topology) -> str:  # noqa: F811
+    with topo.socket(topo.router) as s:
+        s.settimeout(5)
+        s.connect(("127.0.0.1", METRICS_PORT))
+        s.sendall(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        return b"".join(iter(lambda: s.recv(65536), b"")).decode()
+
+
+def test_a_killed_recorder_comes_back_and_the_gap_is_reported(topo, router, http, serve) -> None:  # noqa: F811
+    apply_container(router, serve)
+    resolve(topo)  # the name is handed to the recorder now; its replacement must be handed it again
+    assert "dnsguard_connection_recorder_up 1.0" in _metrics(topo)
+    (old,) = _recorder_pids(serve)
+    killed = time.time()
+    os.kill(old, signal.SIGKILL)
+
+    def gap() -> tuple | None:
+        with sqlite3.connect(_db(serve)) as conn:
+            return conn.execute("SELECT since, until, reason FROM connection_gaps WHERE until IS NOT NULL"
+                                ).fetchone()
+
+    since, until, reason = wait_until(gap, 30, what="the recorder to come back and close its gap")
+    assert killed <= since <= until and reason == "connection recorder exited with status -9"
+    (new,) = _recorder_pids(serve)
+    assert new != old
+    text = _metrics(topo)
+    assert "dnsguard_connection_recorder_up 1.0" in text
+    assert "dnsguard_connection_recorder_restarts_total 1.0" in text
+    # a connection made afterwards is recorded, with the name the new recorder was handed
+    with topo.socket(topo.agent) as s:
+        s.settimeout(5)
+        s.connect((S0, 80))
+        sport = s.getsockname()[1]
+        http_exchange(s, 20_000, 10_000)
+    (row,) = wait_until(lambda: rows(serve, "source_port = ? AND end_ts IS NOT NULL", (sport,)), 10,
+                        what="the connection made after the restart")
+    assert (row["verdict"], row["name"], row["client"]) == ("allowed", "allowed.test", "agent")
+    assert_bytes(row, 20_000, 10_000)
+    # the report says connections may be missing for that period
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-m", "resolver", "report", "connections", "--db", str(_db(serve)),
+                          "--format", "json"], capture_output=True, text=True, env=env, cwd=REPO, timeout=60,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    gaps = json.loads(out.stdout)["overflow"]["gaps"]
+    assert [g["reason"] for g in gaps] == ["connection recorder exited with status -9"] and gaps[0]["until"]
+    table = subprocess.run([sys.executable, "-m", "resolver", "report", "connections", "--db",
+                            str(_db(serve))], capture_output=True, text=True, env=env, cwd=REPO, timeout=60,
+                           check=False).stdout
+    assert "WARNING: connections may be missing from" in table and "status -9" in table

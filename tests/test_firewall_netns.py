@@ -482,6 +482,87 @@ def test_cli_apply_status_show_remove(topo, servers, router, tmp_path) -> None:
     assert bad.returncode == 2 and "not both" in bad.stderr
 
 
+ACCT = "/proc/sys/net/netfilter/nf_conntrack_acct"
+
+
+def test_apply_turns_on_conntrack_accounting_and_status_and_doctor_say_so(topo, router, tmp_path) -> None:
+    """`serve` cannot write /proc/sys under its unit (ProtectKernelTunables=yes): the fence's
+    apply, run as root, turns byte counting on in the namespace it fences."""
+    from resolver.doctor import diagnose
+
+    def acct() -> str:
+        return topo.ns(topo.router, "cat", ACCT).stdout.strip()
+
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'[server]\nlisten = ["{ROUTER_IN4}:53"]\n[upstream]\nservers = ["203.0.113.53:53"]\n'
+                      f'[log]\ndatabase = "{tmp_path / "log.db"}"\n')
+    who = ["--source", AGENT_NET4, "--source", AGENT_NET6, "--policy", str(policy)]
+    fw.apply(container_spec(), router)  # loads nf_conntrack here, whose sysctl this is
+    topo.ns(topo.router, "sysctl", "-qw", "net.netfilter.nf_conntrack_acct=0")
+    assert acct() == "0"
+    st = fw.status(router, spec=container_spec())
+    assert st.accounting is not None and st.accounting["net.netfilter.nf_conntrack_acct"] is False
+    assert any("conntrack accounting is off" in p for p in st.problems), st.describe()
+    cli = _cli(topo, "status", *who, check=False)
+    assert cli.returncode == 1 and "conntrack accounting (connection byte counts): off" in cli.stdout
+    check = {c.name: c for c in diagnose(str(policy), netns=topo.router).checks}["connection accounting"]
+    assert not check.ok and "nf_conntrack_acct=0" in check.detail and "firewall apply" in check.fix
+    assert "sysctl -w net.netfilter.nf_conntrack_acct=1" in _cli(topo, "apply", "--dry-run", *who).stdout
+    assert acct() == "0"  # --dry-run changes nothing
+
+    assert "applied" in _cli(topo, "apply", *who).stdout
+    assert acct() == "1"
+    assert topo.ns(topo.router, "cat", ACCT.replace("acct", "timestamp")).stdout.strip() == "1"
+    st = fw.status(router, spec=container_spec())
+    assert st.accounting["net.netfilter.nf_conntrack_acct"] is True
+    assert not any("accounting" in p for p in st.problems), st.describe()
+    shown = _cli(topo, "status", *who, check=False).stdout
+    assert "conntrack accounting (connection byte counts): on" in shown
+    check = {c.name: c for c in diagnose(str(policy), netns=topo.router).checks}["connection accounting"]
+    assert check.ok and check.fix is None, check
+
+    # No connection recording: apply leaves the sysctl alone, and nobody calls it a problem.
+    topo.ns(topo.router, "sysctl", "-qw", "net.netfilter.nf_conntrack_acct=0")
+    policy.write_text(policy.read_text() + "[firewall]\nrecord_connections = false\n")
+    _cli(topo, "apply", *who)
+    assert acct() == "0"
+    assert "accounting" not in _cli(topo, "status", *who, check=False).stdout.split("problems:")[-1]
+    assert "connection accounting" not in {c.name for c in diagnose(str(policy), netns=topo.router).checks}
+    topo.ns(topo.router, "sysctl", "-qw", "net.netfilter.nf_conntrack_acct=1")
+
+
+def test_the_fence_units_reload_reapplies_with_the_new_args(topo, servers, router, tmp_path) -> None:
+    """`systemctl reload dnsguard-fence` runs the unit's ExecReload= with fence.env read again: from
+    audit to enforce in place, the rules never absent in between (so Docker need not be touched)."""
+    import shlex
+
+    unit = (REPO / "resolver" / "deploy" / "systemd" / "dnsguard-fence.service").read_text()
+    reload = next(ln for ln in unit.splitlines() if ln.startswith("ExecReload=")).removeprefix("ExecReload=")
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'[server]\nlisten = ["{ROUTER_IN4}:53"]\n[upstream]\nservers = ["203.0.113.53:53"]\n')
+
+    def systemctl_reload(fence_args: str) -> None:
+        argv = []
+        for word in shlex.split(reload.replace("/etc/dnsguard/policy.toml", str(policy))):
+            argv += shlex.split(fence_args) if word == "$FENCE_ARGS" else [word]
+        assert argv[0] == "/usr/local/bin/dnsguard"
+        p = subprocess.run(["ip", "netns", "exec", topo.router, sys.executable, "-m", "resolver", *argv[1:]],
+                           capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert p.returncode == 0 and "fence applied" in p.stdout, p
+
+    systemctl_reload(f"--source {AGENT_NET4} --source {AGENT_NET6} --audit")
+    assert topo.tcp_connect(topo.agent, S1, 443) == "ok"  # audit: nothing blocked
+    audit = normalised_save(router, 4)
+    systemctl_reload(f"--source {AGENT_NET4} --source {AGENT_NET6}")
+    assert topo.tcp_connect(topo.agent, S1, 443) == "refused"
+    enforce = normalised_save(router, 4)
+    assert enforce != audit and sum("-j DNSGUARD" in ln and not ln.startswith("-A DNSGUARD")
+                                    for ln in enforce) == 1
+    systemctl_reload(f"--source {AGENT_NET4} --source {AGENT_NET6}")  # again: nothing changes
+    assert normalised_save(router, 4) == enforce
+
+
 # ------------------------------------------------------------------ end to end: dnsguard serve --firewall
 
 def test_serve_firewall_end_to_end(topo, servers, dnsmasq, router, tmp_path) -> None:

@@ -259,7 +259,11 @@ def test_plan_apply_from_scratch() -> None:
         ("run", ("ip6tables-restore", "--noflush", "--test")),
         ("run", ("iptables-restore", "--noflush")),
         ("run", ("ip6tables-restore", "--noflush")),
+        ("accounting", ()),  # after the rules, which load nf_conntrack (whose sysctls these are)
     ]
+    assert "sysctl -w net.netfilter.nf_conntrack_acct=1" in plan.describe()
+    no_recording = fw.plan_apply(container(accounting=False), empty)
+    assert [s.action for s in no_recording.steps][-1] == "run"
     text = plan.steps[3].input
     assert text is not None and text.startswith("*filter\n:DNSGUARD - [0:0]\n") and text.endswith("COMMIT\n")
     assert "-D " not in text

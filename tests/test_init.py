@@ -105,6 +105,10 @@ def test_init_systemd_units_verify(tmp_path, native):
     assert "Before=network-pre.target docker.service openclaw-gateway.service" in ftext
     assert "RequiredBy=docker.service openclaw-gateway.service" in ftext
     assert f"EnvironmentFile={etc / 'fence.env'}" in ftext
+    # Changing the fence is a reload (apply again, with fence.env read again): a restart or a stop
+    # of this unit would take docker.service and the gateway with it (RequiredBy=).
+    start = next(ln for ln in ftext.splitlines() if ln.startswith("ExecStart="))
+    assert f"ExecReload={start.removeprefix('ExecStart=')}\n" in ftext and " firewall apply " in start
     env = (etc / "fence.env").read_text()
     who = "--user openclaw" if native else "--source 172.29.53.0/24"
     assert f"FENCE_ARGS={who} --audit" in env
@@ -144,3 +148,11 @@ def test_deploy_dir_is_the_packaged_one_and_ships_in_the_wheel(tmp_path):
     shipped = {str(p.relative_to(REPO)) for p in (REPO / "resolver" / "deploy").rglob("*")
                if p.is_file() and "__pycache__" not in p.parts}
     assert shipped and shipped <= names, shipped - names
+
+
+def test_readme_never_restarts_or_stops_the_fence_unit():
+    """RequiredBy=docker.service: restarting or stopping dnsguard-fence restarts or stops Docker."""
+    text = (REPO / "README.md").read_text()
+    for verb in ("restart", "stop", "try-restart", "reload-or-restart"):
+        assert f"systemctl {verb} dnsguard-fence" not in text, verb
+    assert "systemctl reload dnsguard-fence" in text and "dnsguard firewall remove" in text

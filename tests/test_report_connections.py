@@ -148,6 +148,12 @@ def log_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
         conn.execute(
             "INSERT INTO connection_overflow (ts, dropped, overruns) VALUES (?, ?, ?)", (NOW - 30 * 60, 3, 1)
         )
+        # the fence's names that did not reach the recorder, and two periods it was down
+        conn.execute("INSERT INTO connection_overflow (ts, dropped, overruns, lost_names) "
+                     "VALUES (?, 0, 0, 7)", (NOW - 40 * 60,))
+        conn.executemany("INSERT INTO connection_gaps (since, until, reason) VALUES (?, ?, ?)", [
+            (NOW - 40 * 60, NOW - 35 * 60, "connection recorder exited with status -9"),
+            (NOW - 5 * 60, None, "connection recorder exited with status 1")])
         conn.commit()
     return path
 
@@ -205,7 +211,11 @@ def test_window_includes_connections_open_during_it(db) -> None:
         "dropped": 3,
         "dropped_in_window": 0,
         "overruns": 1,
+        "lost_names": 7,
         "last": rpt.iso(NOW - 1800),
+        # only the gap that overlaps the window; the other ended before it
+        "gaps": [{"since": rpt.iso(NOW - 300), "until": None,
+                  "reason": "connection recorder exited with status 1"}],
     }
 
 
@@ -267,6 +277,11 @@ def test_cli_connections_table_json_csv(log_db: Path) -> None:
         "IN",
     ]
     assert "WARNING: 3 connections were not recorded" in table
+    assert "WARNING: 7 addresses' names did not reach the recorder" in table
+    gap = (f"WARNING: connections may be missing from {rpt.iso(NOW - 2400)[:19].replace('T', ' ')} UTC to "
+           f"{rpt.iso(NOW - 2100)[:19].replace('T', ' ')} UTC: connection recorder exited with status -9")
+    assert gap in table
+    assert "UTC to now (not back): connection recorder exited with status 1" in table
     open_line = next(ln for ln in lines if "203.0.113.11" in ln)
     assert " open " in open_line and "1.5 KB" in open_line and "900 KB" in open_line
     assert "8 MB" in next(ln for ln in lines if "192.0.2.2:40000" in ln)
@@ -308,6 +323,9 @@ def test_cli_summary_egress_sections(log_db: Path, tmp_path: Path) -> None:
     assert ["connection_overflow", "dropped", "3"] == [r for r in rows if r[0] == "connection_overflow"][0][
         :3
     ]
+    assert ["connection_overflow", "lost_names", "7"] in [r[:3] for r in rows]
+    assert [r[1] for r in rows if r[0] == "connection_gaps"] == ["connection recorder exited with status -9",
+                                                                  "connection recorder exited with status 1"]
 
 
 def test_old_log_without_connection_columns_still_reports(tmp_path: Path) -> None:

@@ -61,6 +61,12 @@ async def test_a_stale_answer_refreshes_the_sets(topo, nameserver):
         assert [o.code for o in stale.options if isinstance(o, dns.edns.EDEOption)] == [
             dns.edns.EDECode.STALE_ANSWER]
         assert in_set(topo, ADDR)  # fed from the stale answer before it was returned
+        # for as long as the client is told it may use it (TTL 30), not the expired record's
+        # remainder clamped to min_ttl (1 s here)
+        assert {rr.ttl for rr in stale.answer} == {30}
+        listed = topo.ns(topo.router, "ipset", "list", "dnsguard4").stdout
+        (line,) = [ln for ln in listed.splitlines() if ln.startswith(f"{ADDR} ")]
+        assert 25 <= int(line.split("timeout ")[1].split()[0]) <= 30, line
         resolver.upstream.close()
     finally:
         feeder.close()

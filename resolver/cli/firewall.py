@@ -179,7 +179,8 @@ def status(source: tuple[str, ...], interface: tuple[str, ...], user: str | None
         cfg = _config(policy_path, listen)
         spec = _spec(cfg, source, interface, user, audit, ports, nflog_group, loopback) \
             if (user or source or interface) else None
-        st = fw.status(fw.Runner(netns), cfg.listen, spec)
+        st = fw.status(fw.Runner(netns), cfg.listen, spec,
+                       record_connections=cfg.firewall.record_connections)
     except DnsguardError as exc:
         raise _fail(exc) from None
     click.echo(st.describe(), nl=False)

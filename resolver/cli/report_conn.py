@@ -53,12 +53,19 @@ def _conn_verdict_style(cell: str) -> dict:
 
 def overflow_lines(overflow: dict, colour: bool) -> list[str]:
 
-    if not overflow["dropped"] and not overflow["overruns"]:
-        return []
-    text = (f"WARNING: {num(overflow['dropped'])} connections were not recorded "
-            f"({num(overflow['dropped_in_window'])} in this window; last {human(overflow['last'])} UTC); "
-            f"conntrack event buffer overran {num(overflow['overruns'])} times")
-    return [style(text, colour, fg="red", bold=True)]
+    lines = []
+    if overflow["dropped"] or overflow["overruns"]:
+        lines.append(f"WARNING: {num(overflow['dropped'])} connections were not recorded "
+                     f"({num(overflow['dropped_in_window'])} in this window; last {human(overflow['last'])} "
+                     f"UTC); conntrack event buffer overran {num(overflow['overruns'])} times")
+    if overflow.get("lost_names"):
+        lines.append(f"WARNING: {num(overflow['lost_names'])} addresses' names did not reach the recorder: "
+                     "their connections may show no name")
+    for gap in overflow.get("gaps", ()):
+        end = f"{human(gap['until'])} UTC" if gap["until"] else "now (not back)"
+        lines.append(f"WARNING: connections may be missing from {human(gap['since'])} UTC to {end}: "
+                     f"{gap['reason']}")
+    return [style(text, colour, fg="red", bold=True) for text in lines]
 
 
 def egress_lines(data: dict, colour: bool) -> list[str]:
@@ -112,9 +119,11 @@ def egress_csv_rows(data: dict) -> list[list[Any]]:
                      r["connections"], "", "", "",
                      f"bytes_out={r['bytes_out']} bytes_in={r['bytes_in']}", " ".join(r["clients"]),
                      r["first_seen"], r["last_seen"]])
-    for key in ("dropped", "dropped_in_window", "overruns"):
+    for key in ("dropped", "dropped_in_window", "overruns", "lost_names"):
         rows.append(["connection_overflow", key, eg["overflow"][key], "", "", "", "", "", "",
                      eg["overflow"]["last"]])
+    for gap in eg["overflow"]["gaps"]:
+        rows.append(["connection_gaps", gap["reason"], 1, "", "", "", "", "", gap["since"], gap["until"]])
     return rows
 
 

@@ -66,10 +66,17 @@ CONNECTION_OVERFLOW_SQL = (
     "CREATE TABLE IF NOT EXISTS connection_overflow (ts REAL NOT NULL, dropped INTEGER NOT NULL, "
     "overruns INTEGER NOT NULL)"
 )
+# Added later, in place like the connections columns: names the fence could not hand the
+# recorder (a full pipe), so connections to those addresses may be recorded without a name.
+CONNECTION_OVERFLOW_LOST_NAMES = "lost_names INTEGER NOT NULL DEFAULT 0"
+# Periods when the recorder was not running (it died and `serve` restarted it): connections
+# made then may be missing. ``until`` NULL: not back (yet).
+CONNECTION_GAPS_SQL = ("CREATE TABLE IF NOT EXISTS connection_gaps (since REAL NOT NULL, until REAL, "
+                       "reason TEXT)")
 
 
 def ensure_connections_table(conn: sqlite3.Connection, commit: bool = True) -> None:
-    """Create ``connections`` (and ``connection_overflow``) or add missing columns.
+    """Create ``connections`` (and ``connection_overflow``, ``connection_gaps``) or add missing columns.
 
     Safe to call from any writer at any time: ADD COLUMN is idempotent here, and a column
     another writer added meanwhile is skipped.
@@ -91,5 +98,12 @@ def ensure_connections_table(conn: sqlite3.Connection, commit: bool = True) -> N
     # A report window finds the connections that began before it and ended inside it.
     conn.execute("CREATE INDEX IF NOT EXISTS ix_connections_end ON connections (end_ts)")
     conn.execute(CONNECTION_OVERFLOW_SQL)
+    if "lost_names" not in {r[1] for r in conn.execute("PRAGMA table_info(connection_overflow)")}:
+        try:
+            conn.execute(f"ALTER TABLE connection_overflow ADD COLUMN {CONNECTION_OVERFLOW_LOST_NAMES}")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):
+                raise
+    conn.execute(CONNECTION_GAPS_SQL)
     if commit and conn.in_transaction:
         conn.commit()

@@ -36,7 +36,7 @@ from typing import Any
 from resolver.core.errors import UpstreamError
 from resolver.core.model import Decision
 from resolver.dns import wire
-from resolver.dns.cache import AnswerCache, Entry
+from resolver.dns.cache import STALE_TTL, AnswerCache, Entry
 from resolver.dns.ratelimit import LIMITED_SHARED, RateLimiter, RefusedCounter
 from resolver.dns.stats import UpstreamStats
 from resolver.dns.upstream import Cleaner, Upstream
@@ -402,7 +402,9 @@ class Resolver:
                 self._stale_until.clear()
             self._stale_until[key] = now + STALE_RECHECK_S
         if self.feeder is not None and entry.addrs:
-            self._feed(entry, qname, now)
+            # The client is told STALE_TTL: the set entries must last that long, not the
+            # expired record's (negative) remainder.
+            self._feed(entry, qname, now, STALE_TTL)
         self.stale_answers += 1
         resp = entry.stale_response(data, qend, udp_size, do)
         if transport == "udp" and len(resp) > (min(udp_size, wire.EDNS_PAYLOAD) if udp_size else 512):
@@ -419,9 +421,12 @@ class Resolver:
         except Exception:  # a refresh nobody waits for must not die unseen
             traceback.print_exc(file=sys.stderr)
 
-    def _feed(self, entry: Entry, qname: bytes, now: float) -> None:
+    def _feed(self, entry: Entry, qname: bytes, now: float, ttl: int | None = None) -> None:
         try:
-            self.feeder.feed(entry, qname, now)
+            if ttl is None:
+                self.feeder.feed(entry, qname, now)
+            else:
+                self.feeder.feed(entry, qname, now, ttl)
         except Exception as exc:  # the fence must not take DNS down with it
             print(f"dnsguard: firewall set update failed: {exc}", file=sys.stderr)
 

@@ -24,48 +24,93 @@ from __future__ import annotations
 import marshal
 import os
 import select
+import sqlite3
 import struct
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterable
+
+from resolver.core.logdb import ensure_connections_table
 
 __all__ = ["ConnRecorderProcess", "main"]
 
 _LEN = struct.Struct("=I")
 FRAME_MAX = 4000  # under PIPE_BUF (4096): a write of one frame is all or nothing
-SENT_MAX = 65536
+# The parent remembers which name it last sent for each address (so it sends only changes);
+# the child keeps the names it was sent. Both evict their least recently *sent* entries, in
+# the same order, and the child keeps at least twice as many (a restart replays the parent's
+# whole map first): every address the parent believes the child knows, the child knows.
+SENT_MAX = 65_536
 NAMES_MAX = 262_144
 START_TIMEOUT = 15.0
+RESTART_MIN_S = 1.0  # first restart delay; doubles per restart up to RESTART_MAX_S
+RESTART_MAX_S = 60.0
+STABLE_S = 60.0  # up this long: the next death restarts after RESTART_MIN_S again
+START_FAILURES_MAX = 10  # consecutive failed starts, then give up (the gap stays open)
+LOST_FLUSH_S = 10.0  # how often lost notes are written to connection_overflow
 
 
 class ConnRecorderProcess:
-    """The parent's end: start, feed names, stop."""
+    """The parent's end: start, feed names, supervise, stop.
 
-    def __init__(self, database: str, policy_path: str | None, refresh: float) -> None:
+    `up` (a plain attribute, read by metrics) says whether the child is running; `restarts`
+    counts its deaths. A thread of the parent (off the event loop) waits on the child: when it
+    dies, the period until a new one is ready is written to ``connection_gaps``, and the new one
+    is started after a delay that doubles per death (bounded); ``lost_notes`` are written to
+    ``connection_overflow.lost_names`` every LOST_FLUSH_S.
+    """
+
+    def __init__(self, database: str, policy_path: str | None, refresh: float, *, sent_max: int = SENT_MAX,
+                 restart_min: float = RESTART_MIN_S, restart_max: float = RESTART_MAX_S) -> None:
+        if NAMES_MAX < 2 * sent_max:
+            raise ValueError("the child must keep at least twice the names the parent remembers sending")
         self.database = database
         self.policy_path = policy_path
         self.refresh = refresh
+        self.sent_max = sent_max
+        self.restart_min, self.restart_max = restart_min, restart_max
         self.lost_notes = 0
+        self.restarts = 0
+        self.up = False
+        self._lost_saved = 0
         self._proc: subprocess.Popen | None = None
         self._fd = -1
         self._sent: dict[str, object] = {}
+        self._stopping = False
+        self._lock = threading.Lock()
+        self._wake_r = self._wake_w = -1
+        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        self._proc = subprocess.Popen(
+    def _spawn(self) -> tuple[subprocess.Popen, int]:
+        """A new child, ready; its stdin as a (blocking) descriptor."""
+        proc = subprocess.Popen(
             [sys.executable, "-m", "resolver.fence.connproc", self.database, self.policy_path or "",
              str(self.refresh)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True, start_new_session=True,
             cwd=os.getcwd())
-        assert self._proc.stdin is not None and self._proc.stdout is not None
-        ready, _, _ = select.select([self._proc.stdout], [], [], START_TIMEOUT)
-        line = self._proc.stdout.readline().decode(errors="replace").strip() if ready else ""
-        self._proc.stdout.close()
+        assert proc.stdin is not None and proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT)
+        line = proc.stdout.readline().decode(errors="replace").strip() if ready else ""
+        proc.stdout.close()
         if line != "ready":
-            self._kill()
+            _kill(proc)
             raise OSError(line.removeprefix("error: ") or "the connection recorder did not start")
-        self._fd = os.dup(self._proc.stdin.fileno())
-        self._proc.stdin.close()
+        fd = os.dup(proc.stdin.fileno())
+        proc.stdin.close()
+        return proc, fd
+
+    def start(self) -> None:
+        self._proc, self._fd = self._spawn()
         os.set_blocking(self._fd, False)
+        self.up = True
+        # A gap an earlier serve could not close (it gave up, or was killed) ends here.
+        self._write("UPDATE connection_gaps SET until = ? WHERE until IS NULL", (time.time(),))
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._supervise, name="conn-recorder-watch", daemon=True)
+        self._thread.start()
 
     # -- hot path (the fence's feed, once per answer or cache refresh)
     def note(self, addrs: Iterable[tuple[str, int]], name: object) -> None:
@@ -81,35 +126,165 @@ class ConnRecorderProcess:
             return
         try:
             os.write(self._fd, _LEN.pack(len(frame)) + frame)
-        except BlockingIOError:
+        except OSError:  # a full pipe, or the child is gone: the note is lost (and counted), DNS goes on
             self.lost_notes += len(fresh)
             return
-        except OSError:  # the child is gone; the rows stop, DNS goes on
-            self.lost_notes += len(fresh)
-            return
-        if len(sent) >= SENT_MAX:
-            sent.clear()
         for ip in fresh:
+            sent.pop(ip, None)  # re-insert: the dict's order is when it was last sent
             sent[ip] = name
+        while len(sent) > self.sent_max:
+            del sent[next(iter(sent))]
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self._proc is None:
-            return
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        try:
-            self._proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self._kill()
+        self._stopping = True
+        if self._wake_w >= 0:
+            os.write(self._wake_w, b"x")
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)  # the child writes what it has and exits
+                self._fd = -1
+            proc = self._proc
+        if proc is not None:
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _kill(proc)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self.flush_lost()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
         self._proc = None
+        self.up = False
 
     close = stop
 
-    def _kill(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait(5)
+    # -- the supervisor thread
+    def _supervise(self) -> None:
+        delay = self.restart_min
+        while True:
+            proc = self._proc
+            assert proc is not None
+            up_since = time.monotonic()
+            while not self._wait(proc, LOST_FLUSH_S):
+                self.flush_lost()
+            if self._stopping:
+                return
+            self.up = False
+            self.restarts += 1
+            since = time.time()
+            if time.monotonic() - up_since >= STABLE_S:  # it had been running a while: start over
+                delay = self.restart_min
+            print(f"dnsguard: the connection recorder exited (status {proc.returncode}); connections are "
+                  f"not recorded until it is back, restarting in {delay:.0f} s", file=sys.stderr, flush=True)
+            gap = self._write("INSERT INTO connection_gaps (since, until, reason) VALUES (?, NULL, ?)",
+                              (since, f"connection recorder exited with status {proc.returncode}"))
+            failures = 0
+            while not self._respawned(delay):
+                if self._stopping:
+                    break
+                failures += 1
+                delay = min(delay * 2, self.restart_max)
+                if failures >= START_FAILURES_MAX:
+                    print(f"dnsguard: the connection recorder failed to start {failures} times; giving up: "
+                          "connections are not recorded until serve restarts", file=sys.stderr, flush=True)
+                    return
+            delay = min(delay * 2, self.restart_max)
+            if gap is not None:
+                self._write("UPDATE connection_gaps SET until = ? WHERE rowid = ?", (time.time(), gap))
+            if self._stopping:
+                return
+            self.up = True
+            print("dnsguard: the connection recorder is back", file=sys.stderr, flush=True)
+
+    def _wait(self, proc: subprocess.Popen, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the child to exit or for stop(); True if either happened."""
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+        except OSError:  # already reaped, or an old kernel: poll
+            pidfd = -1
+        try:
+            select.select([self._wake_r] + ([pidfd] if pidfd >= 0 else []), [], [],
+                          timeout if pidfd >= 0 else min(timeout, 1.0))
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+        return self._stopping or proc.poll() is not None
+
+    def _respawned(self, delay: float) -> bool:
+        """After ``delay`` (cut short by stop()), start a new child and hand it the names the old
+        one had; True once it runs."""
+        select.select([self._wake_r], [], [], delay)
+        if self._stopping:
+            return False
+        try:
+            proc, fd = self._spawn()
+        except OSError as exc:
+            print(f"dnsguard: the connection recorder did not start: {exc}", file=sys.stderr, flush=True)
+            return False
+        with self._lock:
+            if self._stopping or self._fd < 0:
+                os.close(fd)
+                _kill(proc)
+                return False
+            try:
+                self._replay(fd)
+            except OSError as exc:
+                os.close(fd)
+                _kill(proc)
+                print(f"dnsguard: the connection recorder did not take its names: {exc}", file=sys.stderr,
+                      flush=True)
+                return False
+            os.set_blocking(fd, False)
+            # The same descriptor number now leads to the new child: note() on the event loop
+            # never sees a closed or reused descriptor.
+            os.dup2(fd, self._fd, inheritable=False)
+            os.close(fd)
+            self._proc = proc
+        return True
+
+    def _replay(self, fd: int) -> None:
+        """Send the new child every name the parent believes sent, oldest first (the same order)."""
+        items = list(self._sent.items())  # one C-level copy: safe against the loop's inserts
+        i = 0
+        while i < len(items):
+            name, ips = items[i][1], []
+            while i < len(items) and items[i][1] == name and len(ips) < 100:
+                ips.append(items[i][0])
+                i += 1
+            frame = marshal.dumps((name, ips))
+            os.write(fd, _LEN.pack(len(frame)) + frame)
+
+    def flush_lost(self) -> None:
+        """Write the notes lost since the last flush to ``connection_overflow.lost_names``."""
+        lost = self.lost_notes - self._lost_saved
+        if lost > 0 and self._write("INSERT INTO connection_overflow (ts, dropped, overruns, lost_names) "
+                                    "VALUES (?, 0, 0, ?)", (time.time(), lost)) is not None:
+            self._lost_saved += lost
+
+    def _write(self, sql: str, params: tuple) -> int | None:
+        """One statement on the log, from the supervisor thread; the row id, or None if it failed."""
+        try:
+            db = sqlite3.connect(self.database, timeout=5.0)
+            try:
+                ensure_connections_table(db)
+                cur = db.execute(sql, params)
+                db.commit()
+                return cur.lastrowid or 0
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            print(f"dnsguard: cannot write the connection log ({exc})", file=sys.stderr, flush=True)
+            return None
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(5)
 
 
 # ------------------------------------------------------------------ the child
@@ -117,10 +292,11 @@ class ConnRecorderProcess:
 class _Control:
     """Reads name frames from stdin; re-reads the policy when its file changes."""
 
-    def __init__(self, fd: int, policy_path: str | None) -> None:
+    def __init__(self, fd: int, policy_path: str | None, names_max: int = NAMES_MAX) -> None:
         self.fd = fd
         self.buf = b""
         self.names: dict[str, object] = {}
+        self.names_max = names_max
         self.policy_path = policy_path
         self.config: object = None
         self._stat: tuple[float, int] | None = None
@@ -165,11 +341,11 @@ class _Control:
                 name, ips = marshal.loads(buf[pos + 4:pos + 4 + n])
             except (ValueError, EOFError, TypeError):
                 name, ips = None, ()
-            if len(names) > NAMES_MAX:
-                names.clear()
             for ip in ips:
-                names.pop(ip, None)  # re-insert: the dict's order is recency
+                names.pop(ip, None)  # re-insert: the dict's order is when it was last sent
                 names[ip] = name
+            while len(names) > self.names_max:  # the least recently sent go first, as in the parent
+                del names[next(iter(names))]
             pos += 4 + n
         self.buf = buf[pos:]
 
@@ -195,8 +371,10 @@ def main(argv: list[str]) -> int:
     while thread is not None and thread.is_alive():
         thread.join(1.0)
         control.reload()
+    # Not stopping: the thread died of an error (it said which on stderr); the parent restarts us.
+    died = not recorder._stopping
     recorder.stop()
-    return 0
+    return 1 if died else 0
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import selectors
 import socket
 import sqlite3
@@ -55,6 +56,7 @@ from resolver.fence.conntrack import (
     PROTOCOLS,
     CtEntry,
     CtSocket,
+    accounting_state,
     enable_accounting,
     parse_messages,
 )
@@ -70,6 +72,7 @@ FINISHED_MAX = 131_072
 CLOSE_DELAY = 0.2
 FLUSH_INTERVAL = 0.25
 FLUSH_ROWS = 2000
+ERRORS_IN_A_ROW_MAX = 20  # then the thread gives up (and `serve` restarts the recorder process)
 
 _INSERT = ("INSERT INTO connections (ts, source, destination, protocol, port, verdict, name, end_ts, "
            "source_port, packets_out, bytes_out, packets_in, bytes_in, client, rule) "
@@ -154,6 +157,7 @@ class ConnRecorder:
         self.dropped = 0  # flows not recorded (over max_open, or the write failed)
         self.overruns = 0  # kernel event buffer overruns (answered with a dump)
         self.dumps = 0
+        self.errors = 0  # other failed reads/requests, each answered with a resync
         self.last_error: str | None = None
         self._flows: dict[tuple, _Flow] = {}
         # Flows counted as dropped, so a later event or dump does not count them again (nor
@@ -176,7 +180,10 @@ class ConnRecorder:
     # -- lifecycle
     def start(self) -> None:
         try:
-            enable_accounting(self.netns)
+            # `firewall apply` (root) has normally done it: under the shipped unit /proc/sys is
+            # read-only for us, and a write would only fail.
+            if not all(accounting_state(self.netns).values()):
+                enable_accounting(self.netns)
         except OSError as exc:  # rows still come; only their byte counts may be missing
             self.last_error = f"conntrack accounting: {exc}"
             print(f"dnsguard: cannot turn on conntrack accounting (net.netfilter.nf_conntrack_acct), "
@@ -246,26 +253,28 @@ class ConnRecorder:
             self._adopt(db)
             next_refresh = time.monotonic() + self.refresh
             next_flush = time.monotonic() + FLUSH_INTERVAL
+            failing = 0
             while not self._stopping:
-                now = time.monotonic()
-                due = next_refresh
-                if self._dirty or self._overflow_changed:
-                    due = min(due, next_flush)
-                if self._closing:
-                    due = min(due, self._closing[0].get_due or now)
-                sel.select(max(0.0, due - now))
-                self._read_events()
-                now = time.monotonic()
-                if self._closing and (self._closing[0].get_due or 0) <= now:
-                    self._finish_closing(now)
-                if self._resync or now >= next_refresh:
-                    self._resync = False
-                    self._dump()
-                    next_refresh = time.monotonic() + self.refresh
-                if (self._dirty or self._overflow_changed) and (now >= next_flush
-                                                                 or len(self._dirty) >= FLUSH_ROWS):
-                    self._flush(db)
-                    next_flush = time.monotonic() + FLUSH_INTERVAL
+                try:
+                    next_refresh, next_flush = self._step(db, sel, next_refresh, next_flush)
+                    failing = 0
+                except OSError as exc:
+                    # A dump or a request that failed (ENOBUFS under a burst, a netlink hiccup):
+                    # counted, then a resync dump recovers every flow still in the table.
+                    failing += 1
+                    if exc.errno == errno.ENOBUFS:
+                        self.overruns += 1
+                    else:
+                        self.errors += 1
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    if failing > ERRORS_IN_A_ROW_MAX:
+                        raise
+                    if failing == 1:
+                        print(f"dnsguard: connection recorder: {self.last_error}; resynchronising",
+                              file=sys.stderr, flush=True)
+                    self._resync = True
+                    next_refresh = time.monotonic()
+                    select.select([self._wake_r], [], [], min(0.05 * 2 ** failing, 5.0))
             self._read_events()
             self._flush(db)
         except Exception as exc:  # noqa: BLE001 - the recorder must say why it stopped
@@ -274,6 +283,29 @@ class ConnRecorder:
         finally:
             sel.close()
             db.close()
+
+    def _step(self, db: sqlite3.Connection, sel: selectors.BaseSelector, next_refresh: float,
+              next_flush: float) -> tuple[float, float]:
+        """One turn of the loop: wait, read events, complete closed flows, dump, flush."""
+        now = time.monotonic()
+        due = next_refresh
+        if self._dirty or self._overflow_changed:
+            due = min(due, next_flush)
+        if self._closing:
+            due = min(due, self._closing[0].get_due or now)
+        sel.select(max(0.0, due - now))
+        self._read_events()
+        now = time.monotonic()
+        if self._closing and (self._closing[0].get_due or 0) <= now:
+            self._finish_closing(now)
+        if self._resync or now >= next_refresh:
+            self._resync = False
+            self._dump()
+            next_refresh = time.monotonic() + self.refresh
+        if (self._dirty or self._overflow_changed) and (now >= next_flush or len(self._dirty) >= FLUSH_ROWS):
+            self._flush(db)
+            next_flush = time.monotonic() + FLUSH_INTERVAL
+        return next_refresh, next_flush
 
     def _read_events(self) -> None:
         assert self._events is not None

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from resolver.fence.netlink import (
     NETLINK_NETFILTER,
@@ -36,6 +37,8 @@ __all__ = [
     "GROUP_UPDATE",
     "CtEntry",
     "CtSocket",
+    "ACCT_SYSCTLS",
+    "accounting_state",
     "enable_accounting",
     "parse_messages",
 ]
@@ -77,6 +80,7 @@ CTA_TIMESTAMP_START = 1
 # TCP conntrack states: from FIN_WAIT on, one side has closed (TIME_WAIT / CLOSE: both, or RST).
 TCP_FIN_WAIT, TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_TIME_WAIT, TCP_CLOSE = 4, 5, 6, 7, 8
 CLOSING_STATES = frozenset({TCP_TIME_WAIT, TCP_CLOSE})
+T = TypeVar("T")
 
 # The fence's connmark bits (resolver.fence.rules sets them; only these bits, so a host's own
 # connmarks -- Docker, Kubernetes, VPNs use low bits -- are left alone).
@@ -363,32 +367,31 @@ class CtSocket:
         return out
 
 
-def enable_accounting(netns: str | None = None) -> None:
-    """Turn on per-connection byte/packet counters and start timestamps in that namespace.
+ACCT_SYSCTLS = ("net.netfilter.nf_conntrack_acct", "net.netfilter.nf_conntrack_timestamp")
 
-    Both sysctls are per network namespace and only apply to connections created after;
+
+def _sysctl_path(key: str) -> str:
+    return "/proc/sys/" + key.replace(".", "/")
+
+
+def _in_netns(netns: str | None, work: Callable[[], T]) -> T:
+    """Run ``work`` with ``/proc/sys/net`` meaning namespace ``netns`` (None: ours).
+
     ``/proc/sys/net`` resolves to the namespace of the thread that opens it, so in another
-    namespace a short-lived thread does the writing (see `open_socket`).
+    namespace a short-lived thread joins it and does the work (see `open_socket`).
     """
-    paths = ("/proc/sys/net/netfilter/nf_conntrack_acct", "/proc/sys/net/netfilter/nf_conntrack_timestamp")
-
-    def write() -> None:
-        for path in paths:
-            with open(path, "w") as f:
-                f.write("1\n")
-
     if netns is None:
-        write()
-        return
+        return work()
     import ctypes
     import threading
 
     from resolver.fence.netlink import _CLONE_NEWNET, _netns_path
 
     libc = ctypes.CDLL(None, use_errno=True)
+    out: list[T] = []
     errors: list[BaseException] = []
 
-    def work() -> None:
+    def run() -> None:
         try:
             fd = os.open(_netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -397,13 +400,43 @@ def enable_accounting(netns: str | None = None) -> None:
                     raise OSError(err, os.strerror(err))
             finally:
                 os.close(fd)
-            write()
+            out.append(work())
         except BaseException as exc:  # handed to the caller
             errors.append(exc)
 
-    t = threading.Thread(target=work, name=f"ct-acct-{netns}", daemon=True)
+    t = threading.Thread(target=run, name=f"ct-sysctl-{netns}", daemon=True)
     t.start()
     t.join()
     if errors:
         raise errors[0]
+    return out[0]
 
+
+def enable_accounting(netns: str | None = None) -> None:
+    """Turn on per-connection byte/packet counters and start timestamps in that namespace.
+
+    Both sysctls are per network namespace and only apply to connections created after.
+    ``dnsguard firewall apply`` (root) does this; ``serve`` tries again, which fails under
+    the shipped unit (ProtectKernelTunables=yes makes /proc/sys read-only).
+    """
+    def write() -> None:
+        for key in ACCT_SYSCTLS:
+            with open(_sysctl_path(key), "w") as f:
+                f.write("1\n")
+
+    _in_netns(netns, write)
+
+
+def accounting_state(netns: str | None = None) -> dict[str, bool | None]:
+    """sysctl -> on/off in that namespace; None where it cannot be read (nf_conntrack not loaded)."""
+    def read() -> dict[str, bool | None]:
+        out: dict[str, bool | None] = {}
+        for key in ACCT_SYSCTLS:
+            try:
+                with open(_sysctl_path(key)) as f:
+                    out[key] = f.read().strip() not in ("", "0")
+            except OSError:
+                out[key] = None
+        return out
+
+    return _in_netns(netns, read)

@@ -40,13 +40,18 @@ class Fence:
         self.refresh = refresh
         self.feeds = 0  # answers whose addresses went to the sets (metrics)
 
-    def feed(self, entry: Fed, qname: bytes, now: float) -> None:
+    def feed(self, entry: Fed, qname: bytes, now: float, ttl: int | None = None) -> None:
+        """``ttl``: what the client is told for every address instead of the entry's remaining TTL
+        (a stale answer's 30 s)."""
         if now - entry.fed_at < self.refresh:
             return
         entry.fed_at = now
         self.feeds += 1
-        age = int(now - entry.stored)
-        addrs = [(ip, ttl - age) for ip, ttl in entry.addrs]
+        if ttl is None:
+            age = int(now - entry.stored)
+            addrs = [(ip, left - age) for ip, left in entry.addrs]
+        else:
+            addrs = [(ip, ttl) for ip, _ in entry.addrs]
         # The wire name goes as is: the recorders turn it into text off the hot path.
         self.feeder.feed(addrs, qname)
         if self.connections is not None:  # before the answer leaves, like the set entries

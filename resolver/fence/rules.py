@@ -67,6 +67,10 @@ class FenceSpec:
     nflog_group: int = DEFAULT_GROUP
     set4: str = DEFAULT_SET4
     set6: str = DEFAULT_SET6
+    # Turn on conntrack byte counters where the fence is applied, for the connection recorder
+    # (`serve` cannot: its unit makes /proc/sys read-only). Not part of the fingerprint: no rule
+    # depends on it.
+    accounting: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in ("container", "user"):
@@ -142,6 +146,7 @@ def spec_from_config(config: object, *, sources: Sequence[str] = (), interfaces:
         "ports": getattr(fw, "ports", DEFAULT_PORTS) if fw is not None else DEFAULT_PORTS,
         "allow_cidrs": tuple(getattr(config, "allow_cidrs", ())),
         "audit": audit,
+        "accounting": bool(getattr(fw, "record_connections", True)) if fw is not None else True,
     }
     kwargs.update(overrides)
     return FenceSpec(**kwargs)  # type: ignore[arg-type]

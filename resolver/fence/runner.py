@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+from resolver.fence.conntrack import ACCT_SYSCTLS, enable_accounting
 from resolver.fence.ipsets import DEFAULT_SET4, DEFAULT_SET6, IpsetError, SetFeeder
 from resolver.fence.rules import (
     TOOLS,
@@ -34,13 +35,15 @@ class Step:
     input: str | None = None
     why: str = ""
     sets: tuple[str, ...] = ()  # for ipset steps: set names
-    action: str = "run"  # "run" | "ensure-sets" | "destroy-sets"
+    action: str = "run"  # "run" | "ensure-sets" | "destroy-sets" | "accounting"
 
     def describe(self) -> str:
         if self.action == "ensure-sets":
             return (f"# {self.why}\n" + "\n".join(
                 f"ipset create {n} hash:ip family {'inet' if i == 0 else 'inet6'} timeout 300 "
                 f"hashsize 1024 maxelem 262144 -exist" for i, n in enumerate(self.sets)))
+        if self.action == "accounting":
+            return f"# {self.why}\n" + "\n".join(f"sysctl -w {key}=1" for key in ACCT_SYSCTLS)
         if self.action == "destroy-sets":
             return f"# {self.why}\n" + "\n".join(f"ipset destroy {n}" for n in self.sets)
         text = f"# {self.why}\n{shlex.join(self.argv)}"
@@ -96,6 +99,15 @@ def execute(plan: Plan, runner: Runner, set_names: tuple[str, str] = (DEFAULT_SE
         if step.action == "run":
             runner.run(step.argv, step.input)
             continue
+        if step.action == "accounting":
+            # Counters are worth a warning, not a fence that fails to come up (and, from the
+            # boot unit, an agent that never starts).
+            try:
+                enable_accounting(runner.netns)
+            except OSError as exc:
+                plan.notes.append(f"conntrack accounting could not be turned on ({exc}): connections will "
+                                  "be recorded without byte counts")
+            continue
         try:
             with SetFeeder(1, 1, *(step.sets or set_names), netns=runner.netns) as feeder:
                 if step.action == "ensure-sets":
@@ -139,6 +151,10 @@ def plan_apply(spec: FenceSpec, state: dict[int, Ruleset], clients: Sequence[IPN
     for step in restores:
         steps.append(replace(step, argv=(*step.argv, "--test"), why=step.why.split(":")[0] + ": dry run"))
     steps.extend(restores)
+    if spec.accounting:
+        # After the rules: their conntrack matches load nf_conntrack, whose sysctls these are.
+        steps.append(Step((), why="conntrack byte counters and start times for `serve`'s connection "
+                          "recorder (its unit cannot write /proc/sys)", action="accounting"))
     return Plan(steps, notes(spec, clients))
 
 

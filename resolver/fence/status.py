@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from resolver.fence.conntrack import ACCT_SYSCTLS, accounting_state
 from resolver.fence.ipsets import DEFAULT_SET4, DEFAULT_SET6, IpsetError, SetFeeder, SetInfo, open_socket
 from resolver.fence.nflog import PREFIX_AUDIT
 from resolver.fence.rules import (
@@ -52,6 +53,8 @@ class Status:
     resolver: list[ResolverStatus]
     problems: list[str]
     expected: str | None = None  # fingerprint the given spec would produce
+    # sysctl -> on/off (None: unreadable) where the fence is; None when it was not looked at.
+    accounting: dict[str, bool | None] | None = None
 
     @property
     def installed(self) -> bool:
@@ -77,6 +80,10 @@ class Status:
             else:
                 lines.append(f"set {name}: {info.type} {info.family}, {info.entries} entries, "
                              f"referenced by {info.references} rules")
+        if self.accounting is not None:
+            acct = self.accounting.get(ACCT_SYSCTLS[0])
+            lines.append("conntrack accounting (connection byte counts): " + (
+                "on" if acct else "off" if acct is False else "unknown (nf_conntrack not loaded)"))
         for r in self.resolver:
             host, port = r.address
             addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -141,9 +148,19 @@ def family_status(rs: Ruleset, family: int) -> FamilyStatus:
                         used, audit)
 
 
+ACCOUNTING_OFF = ("conntrack accounting is off (net.netfilter.nf_conntrack_acct=0): recorded connections "
+                  "get no byte counts; re-run `dnsguard firewall apply` as root (dnsguard-fence.service "
+                  "does at boot), or `sysctl -w net.netfilter.nf_conntrack_acct=1`")
+
+
 def status(runner: Runner | None = None, listen: Sequence[HostPort] = (), spec: FenceSpec | None = None,
-           sets: Sequence[str] = (DEFAULT_SET4, DEFAULT_SET6)) -> Status:
-    """Are rules, sets and resolver in place, and do they agree?"""
+           sets: Sequence[str] = (DEFAULT_SET4, DEFAULT_SET6),
+           record_connections: bool | None = None) -> Status:
+    """Are rules, sets and resolver in place, and do they agree?
+
+    ``record_connections`` (default: the spec's ``accounting``, else False): connections are
+    recorded, so conntrack accounting being off is a problem.
+    """
     runner = runner or Runner()
     state = current(runner)
     fams = {f: family_status(state[f], f) for f in (4, 6)}
@@ -155,6 +172,11 @@ def status(runner: Runner | None = None, listen: Sequence[HostPort] = (), spec: 
                 set_info[name] = feeder.info(name)
     except (OSError, IpsetError) as exc:
         problems.append(f"cannot read ipsets: {exc}")
+    try:
+        accounting: dict[str, bool | None] | None = accounting_state(runner.netns)
+    except OSError as exc:
+        accounting = None
+        problems.append(f"cannot read the conntrack sysctls: {exc}")
     resolver = []
     for host, port in listen:
         ok, detail = _probe_resolver(host, port, runner.netns)
@@ -181,6 +203,10 @@ def status(runner: Runner | None = None, listen: Sequence[HostPort] = (), spec: 
                 if set_info.get(name) is None:
                     problems.append(f"IPv{f.family} rules match on set {name}, which does not exist: every "
                                     "connection is rejected")
+        want = bool(record_connections) if record_connections is not None else \
+            spec is not None and spec.accounting
+        if want and accounting is not None and accounting.get(ACCT_SYSCTLS[0]) is False:
+            problems.append(ACCOUNTING_OFF)
         if resolver and not any(r.ok for r in resolver):
             problems.append("the resolver is not answering: no new destinations become reachable (fail "
                             "closed); allowed addresses expire with their TTL")
@@ -189,4 +215,4 @@ def status(runner: Runner | None = None, listen: Sequence[HostPort] = (), spec: 
             if f.chains:
                 problems.append(f"IPv{f.family}: leftover chains {', '.join(f.chains)} without a jump "
                                 "(run `dnsguard firewall remove`)")
-    return Status(fams, set_info, resolver, problems, jump_comment(spec) if spec else None)
+    return Status(fams, set_info, resolver, problems, jump_comment(spec) if spec else None, accounting)

@@ -142,6 +142,16 @@ def fence_reader(fence: Any) -> Reader:
                           [], [([], rec.recorded)])
             yield counter("dnsguard_fence_nflog_overruns", "NFLOG buffer overruns (attempts not recorded).",
                           [], [([], rec.overruns)])
+        conn = fence.connections
+        if conn is not None:
+            yield gauge("dnsguard_connection_recorder_up", "1 while the conntrack recorder process runs; 0 "
+                        "while it is down (connections are not recorded meanwhile).", [],
+                        [([], int(conn.up))])
+            yield counter("dnsguard_connection_recorder_restarts", "Times the conntrack recorder process "
+                          "died and was restarted.", [], [([], conn.restarts)])
+            yield counter("dnsguard_connection_names_lost", "Addresses whose name could not be handed to the "
+                          "recorder (their connections may be recorded without a name).", [],
+                          [([], conn.lost_notes)])
     return read
 
 

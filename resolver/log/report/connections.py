@@ -119,16 +119,29 @@ def _in_net(addr: str | None, net: ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def connection_overflow(db: Database, since: float | None, until: float | None) -> dict:
-    """Flows the recorder could not record (``dropped``) and event-buffer overruns, cumulative."""
-    if "connection_overflow" not in db.table_names():
-        return {"dropped": 0, "dropped_in_window": 0, "overruns": 0, "last": None}
-    row = _rows(db, "SELECT coalesce(sum(dropped), 0) AS d, coalesce(sum(overruns), 0) AS o, "
-                    "max(ts) AS last FROM connection_overflow")[0]
-    win = _rows(db, "SELECT coalesce(sum(dropped), 0) AS d FROM connection_overflow "
-                    "WHERE ts >= ? AND ts < ?",
-                (float("-inf") if since is None else since, float("inf") if until is None else until))[0]
-    return {"dropped": int(row["d"]), "dropped_in_window": int(win["d"]), "overruns": int(row["o"]),
-            "last": iso(row["last"])}
+    """Flows the recorder could not record (``dropped``), event-buffer overruns and names the fence
+    could not hand it (``lost_names``), cumulative; and the periods it was not running (``gaps``)
+    that overlap the window: connections made then may be missing."""
+    out: dict = {"dropped": 0, "dropped_in_window": 0, "overruns": 0, "lost_names": 0, "last": None,
+                 "gaps": []}
+    tables = db.table_names()
+    if "connection_overflow" in tables:
+        cols = {c.name for c in db["connection_overflow"].columns}
+        lost = "coalesce(sum(lost_names), 0)" if "lost_names" in cols else "0"
+        row = _rows(db, f"SELECT coalesce(sum(dropped), 0) AS d, coalesce(sum(overruns), 0) AS o, "
+                        f"{lost} AS l, max(ts) AS last FROM connection_overflow")[0]
+        win = _rows(db, "SELECT coalesce(sum(dropped), 0) AS d FROM connection_overflow "
+                        "WHERE ts >= ? AND ts < ?",
+                    (float("-inf") if since is None else since, float("inf") if until is None else until))[0]
+        out.update(dropped=int(row["d"]), dropped_in_window=int(win["d"]), overruns=int(row["o"]),
+                   lost_names=int(row["l"]), last=iso(row["last"]))
+    if "connection_gaps" in tables:
+        gaps = _rows(db, "SELECT since, until, reason FROM connection_gaps WHERE since < ? "
+                         "AND (until IS NULL OR until >= ?) ORDER BY since",
+                     (float("inf") if until is None else until, float("-inf") if since is None else since))
+        out["gaps"] = [{"since": iso(g["since"]), "until": iso(g["until"]), "reason": g["reason"]}
+                       for g in gaps]
+    return out
 
 
 def connections(db: Database, *, since: float | None, until: float | None,

@@ -109,9 +109,20 @@ _CONN_OVERFLOW = {
     "type": "object",
     "description": "Connections the recorder could not record (cumulative), and how often the "
                    "kernel's event buffer overran (each answered with a resynchronising dump).",
-    "required": ["dropped", "dropped_in_window", "overruns", "last"],
+    "required": ["dropped", "dropped_in_window", "overruns", "lost_names", "last", "gaps"],
     "additionalProperties": False,
-    "properties": {"dropped": _COUNT, "dropped_in_window": _COUNT, "overruns": _COUNT, "last": _TIME_OR_NULL},
+    "properties": {
+        "dropped": _COUNT, "dropped_in_window": _COUNT, "overruns": _COUNT,
+        "lost_names": {**_COUNT, "description": "Addresses whose name the fence could not hand the "
+                       "recorder: their connections may be recorded without a name."},
+        "last": _TIME_OR_NULL,
+        "gaps": {"type": "array", "description": "Periods overlapping the window when the recorder was not "
+                 "running: connections made then may be missing. until null: not back.",
+                 "items": {"type": "object", "required": ["since", "until", "reason"],
+                           "additionalProperties": False,
+                           "properties": {"since": {"type": "string"}, "until": _TIME_OR_NULL,
+                                          "reason": {"type": ["string", "null"]}}}},
+    },
 }
 _EGRESS_NAME = {
     "type": "object",

@@ -6,7 +6,8 @@ Checks, in order (a failed prerequisite marks what depends on it as failed, not 
 2. dnsguard answers on every listen address;
 3. the lookup log is there and writable;
 4. fence rules are applied, enforcing, cover the agent and match the policy;
-5. the firewall sets exist and are being fed;
+5. the firewall sets exist and are being fed (the addresses dnsguard answered lately are in
+   them); conntrack accounting is on when connections are recorded;
 6. the agent's resolver is dnsguard (the container's DNS from the Docker API, or the user's
    DNS redirect in the nat table);
 7. from the agent's side (``docker exec``, or running as the user): a denied name gets
@@ -15,36 +16,48 @@ Checks, in order (a failed prerequisite marks what depends on it as failed, not 
    refused by the fence (its reject counter moves).
 
 App level: it reads the policy, the log, the kernel's rules and sets and Docker, which sit in
-sibling packages.
+sibling packages, so it may import resolver.fence, resolver.log, resolver.policy and
+resolver.core (never resolver.app or resolver.cli). ``agent``: the agent side.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
-import pwd
 import re
 import secrets
 import socket
 import sqlite3
-import subprocess
+import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from resolver.core.addrs import user_source
 from resolver.core.errors import DnsguardError
+from resolver.doctor.agent import (  # the agent side; these names stay importable from here
+    _CONNECT_SCRIPT,
+    _DNS_SCRIPT,
+    PROBE_RESOLVER,
+    Agent,
+    ContainerAgent,
+    UserAgent,
+    classify_connect,
+    classify_dns,
+)
+from resolver.fence.conntrack import ACCT_SYSCTLS, accounting_state
 from resolver.fence.firewall import CHAIN, CHAIN_REJECT, Runner, spec_from_config, status
 from resolver.fence.ipsets import DEFAULT_SET4, SetFeeder
 from resolver.fence.nflog import DEFAULT_GROUP as NFLOG_GROUP
-from resolver.log.clients import DEFAULT_SOCKET, DockerAPI, DockerError, container_addresses, wait_for
+from resolver.log.clients import DEFAULT_SOCKET, DockerAPI, DockerError, wait_for
 from resolver.policy.config import Config, load_config
+
+__all__ = ["Agent", "Check", "ContainerAgent", "Diagnosis", "PROBE_RESOLVER", "UserAgent", "classify_connect",
+           "classify_dns", "diagnose"]
 
 SCHEMA_ID = "dnsguard-doctor/1"
 PROBE_ADDRESS = "192.0.2.1"  # TEST-NET-1: nothing legitimate lives there
 PROBE_PORT = 443
-# User mode asks this (documentation) server: the fence must redirect it to dnsguard, and
-# if it does not, the query goes nowhere that matters.
-PROBE_RESOLVER = "192.0.2.53"
 
 
 @dataclass
@@ -81,121 +94,6 @@ class Diagnosis:
         verdict = "fenced" if self.ok else "NOT fenced (see the failures above)"
         lines.append(f"{self.target or 'dnsguard'}: {verdict}")
         return "\n".join(lines) + "\n"
-
-
-# ------------------------------------------------------------------ the agent side
-
-# POSIX sh, for whatever the agent's image or the user's PATH offers (busybox, glibc, node).
-_NODE_DNS = "require('dns').resolve4(process.argv[1],e=>console.log(e?e.code:'ANSWERED'))"
-_NODE_TCP = ("const s=require('net').connect(+process.argv[2],process.argv[1]);"
-             "s.setTimeout(3000,()=>{console.log('TIMEOUT');process.exit(0)});"
-             "s.on('connect',()=>{console.log('CONNECTED');process.exit(0)});"
-             "s.on('error',e=>{console.log(e.code);process.exit(0)})")
-# $2, if given, is the server to ask (user mode: the fence redirects DNS to *any* server).
-_DNS_SCRIPT = "\n".join([
-    'n="$1"; s="$2"',
-    'if command -v dig >/dev/null 2>&1; then dig +tries=1 +time=3 ${s:+@$s} "$n" A 2>&1',
-    'elif command -v nslookup >/dev/null 2>&1; then nslookup "$n" $s 2>&1',
-    f'elif [ -z "$s" ] && command -v node >/dev/null 2>&1; then node -e "{_NODE_DNS}" "$n"',
-    'elif command -v getent >/dev/null 2>&1; then getent hosts "$n"; echo "getent-rc=$?"',
-    'else echo "NO-TOOL"; fi',
-])
-_CONNECT_SCRIPT = "\n".join([
-    'h="$1"; p="$2"',
-    f'if command -v node >/dev/null 2>&1; then node -e "{_NODE_TCP}" "$h" "$p"',
-    "elif command -v bash >/dev/null 2>&1; then",
-    "  timeout 4 bash -c 'exec 3<>\"/dev/tcp/$0/$1\" && echo CONNECTED' \"$h\" \"$p\" 2>&1; echo \"rc=$?\"",
-    'elif command -v nc >/dev/null 2>&1; then nc -w 3 "$h" "$p" </dev/null 2>&1 && echo CONNECTED',
-    'elif command -v wget >/dev/null 2>&1; then',
-    '  wget -T 3 -q -O /dev/null "http://$h:$p/" 2>&1 && echo CONNECTED',
-    'else echo "NO-TOOL"; fi',
-])
-
-
-def classify_dns(output: str) -> str:
-    """'nxdomain', 'answered', 'refused', 'timeout', 'no-tool' or 'unknown'."""
-    text = output.lower()
-    if "no-tool" in text:
-        return "no-tool"
-    if "nxdomain" in text or "enotfound" in text or "getent-rc=2" in text:
-        return "nxdomain"
-    if "refused" in text and "status: refused" not in text:
-        return "refused"
-    if "timed out" in text or "timeout" in text or "no servers could be reached" in text:
-        return "timeout"
-    if "answered" in text or "status: noerror" in text or re.search(r"address( \d)?:\s*\d", text):
-        return "answered"
-    return "unknown"
-
-
-def classify_connect(output: str) -> str:
-    """'refused', 'connected', 'timeout', 'no-tool' or 'unknown'."""
-    text = output.lower()
-    if "no-tool" in text:
-        return "no-tool"
-    if "refused" in text:
-        return "refused"
-    if "connected" in text:
-        return "connected"
-    if "timeout" in text or "timed out" in text or "rc=124" in text:
-        return "timeout"
-    return "unknown"
-
-
-class Agent:
-    """Where the agent-side checks run: in a container, or as a local user."""
-
-    label: str = ""
-    resolver: str = ""  # the DNS server the agent-side query names ("" = the agent's own)
-
-    def run(self, script: str, *args: str) -> str:
-        raise NotImplementedError
-
-    def sources(self) -> list[str]:
-        """Addresses the agent's DNS reaches dnsguard from."""
-        raise NotImplementedError
-
-
-class ContainerAgent(Agent):
-    def __init__(self, api: DockerAPI, name: str, info: dict) -> None:
-        self.api, self.name, self.info = api, name, info
-        self.label = f"container {name}"
-
-    def run(self, script: str, *args: str) -> str:
-        try:
-            _, out = self.api.exec(self.name, ["sh", "-c", script, "doctor", *args], timeout=20)
-        except DockerError as exc:
-            return f"exec failed: {exc}"
-        return out
-
-    def sources(self) -> list[str]:
-        return list(container_addresses(self.info))
-
-
-class UserAgent(Agent):
-    def __init__(self, user: str, netns: str | None = None) -> None:
-        try:
-            self.pw = pwd.getpwnam(user)
-        except KeyError:
-            raise DnsguardError(f"no such user: {user!r}") from None
-        self.netns = netns
-        self.label = f"user {user}"
-        self.resolver = PROBE_RESOLVER
-
-    def run(self, script: str, *args: str) -> str:
-        argv = ["setpriv", f"--reuid={self.pw.pw_uid}", f"--regid={self.pw.pw_gid}", "--init-groups",
-                "sh", "-c", script, "doctor", *args]
-        if self.netns:
-            argv = ["ip", "netns", "exec", self.netns, *argv]
-        try:
-            p = subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"could not run as {self.pw.pw_name}: {exc}"
-        return p.stdout + p.stderr
-
-    def sources(self) -> list[str]:
-        src = user_source(self.pw.pw_uid)
-        return [src] if src else []
 
 
 # ------------------------------------------------------------------ the checks
@@ -383,6 +281,7 @@ def diagnose(policy_path: str, *, container: str | None = None, user: str | None
         try:
             with SetFeeder(1, 1, netns=netns) as feeder:
                 info4 = feeder.info(DEFAULT_SET4)
+                members = feeder.members(DEFAULT_SET4) if info4 is not None else {}
         except (OSError, DnsguardError) as exc:
             info4 = None
             diag.add("firewall sets", False, f"cannot read ipsets: {exc}", "run doctor as root")
@@ -391,12 +290,25 @@ def diagnose(policy_path: str, *, container: str | None = None, user: str | None
                 diag.add("firewall sets", False, f"set {DEFAULT_SET4} does not exist",
                          "`dnsguard firewall apply ...` creates it; `dnsguard serve --firewall` fills it")
             else:
-                # `serve --firewall` binds the fence's NFLOG group while it feeds the sets.
-                feeding = _nflog_bound(runner, NFLOG_GROUP)
-                diag.add("firewall sets", feeding, f"{DEFAULT_SET4}: {info4.entries} addresses; " + (
-                             "dnsguard serve --firewall is feeding it" if feeding else
-                             f"no dnsguard serve --firewall here (NFLOG group {NFLOG_GROUP} unbound)"),
-                         "run serve with --firewall (or [firewall] enabled = true) so answers reach the set")
+                ok, detail = _feeding(runner, db_path, members, cfg.firewall.min_ttl, cfg.server.listen,
+                                      netns)
+                diag.add("firewall sets", ok, f"{DEFAULT_SET4}: {info4.entries} addresses; {detail}",
+                         "run serve with --firewall (or [firewall] enabled = true), in the namespace the "
+                         "fence is in, so answers reach the set")
+
+        # 5b. byte counts for the connection recorder: `serve` cannot turn them on under its unit
+        if cfg.firewall.record_connections:
+            try:
+                acct = accounting_state(netns).get(ACCT_SYSCTLS[0])
+            except OSError as exc:
+                acct, why = None, f"cannot read it: {exc}"
+            else:
+                why = "nf_conntrack is not loaded (no fence rules?)" if acct is None else ""
+            off = "off (net.netfilter.nf_conntrack_acct=0): connection rows get no byte counts"
+            diag.add("connection accounting", acct is True,
+                     "on: recorded connections get byte counts" if acct else why or off,
+                     f"`{_apply_example(policy_path, agent)}` as root turns it on (dnsguard-fence.service "
+                     "does at boot), or `sysctl -w net.netfilter.nf_conntrack_acct=1`")
 
     # 6. the agent's resolver
     if cfg is not None and agent is not None:
@@ -478,6 +390,89 @@ def _apply_example(policy_path: str, agent: Agent | None) -> str:
                 nets.append(str(ipaddress.ip_network(f"{ip}/{plen}", strict=False)))
         return f"dnsguard firewall apply --policy {policy_path} " + " ".join(f"--source {n}" for n in nets)
     return f"dnsguard firewall apply --policy {policy_path} --source SUBNET (or --user NAME)"
+
+
+def _answered(db: str | None, since: float) -> dict[str, tuple[float, str]]:
+    """IPv4 address -> (when, name) dnsguard last answered it, from the newest lookups since ``since``."""
+    if not db:
+        return {}
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
+            rows = conn.execute("SELECT ts, qname, answers FROM lookups WHERE ts >= ? AND answers IS NOT "
+                                "NULL ORDER BY id DESC LIMIT 500", (since,)).fetchall()
+    except sqlite3.Error:
+        return {}
+    out: dict[str, tuple[float, str]] = {}
+    for ts, qname, answers in rows:
+        try:
+            items = json.loads(answers)
+        except ValueError:
+            continue
+        for item in items if isinstance(items, list) else ():
+            if isinstance(item, str) and re.fullmatch(r"\d+\.\d+\.\d+\.\d+", item) and item not in out:
+                out[item] = (ts, qname)
+    return out
+
+
+def _refed(ip: str, qname: str, listen: Sequence[tuple[str, int]], netns: str | None) -> bool:
+    """Ask dnsguard for ``qname`` again (a cache hit feeds the set, at most once a second per
+    answer) until ``ip`` is in the set; a few tries."""
+    import dns.message
+
+    from resolver.fence.ipsets import open_socket
+
+    for attempt in range(3):
+        if attempt:
+            time.sleep(1.1)
+        for host, port in listen:
+            if ipaddress.ip_address(host).is_unspecified:
+                host = "127.0.0.1" if ":" not in host else "::1"
+            try:
+                with open_socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM,
+                                 netns=netns) as s:
+                    s.settimeout(2.0)
+                    s.connect((host, port))
+                    s.send(dns.message.make_query(qname, "A").to_wire())
+                    s.recv(4096)
+            except OSError:
+                continue
+        try:
+            with SetFeeder(1, 1, netns=netns) as feeder:
+                if ip in feeder.members(DEFAULT_SET4):
+                    return True
+        except (OSError, DnsguardError):
+            return False
+    return False
+
+
+def _feeding(runner: Runner, db: str | None, members: dict, min_ttl: int,
+             listen: Sequence[tuple[str, int]], netns: str | None) -> tuple[bool, str]:
+    """Whether `serve --firewall` feeds the set: the addresses it answered lately are in it.
+
+    An entry lasts at least ``[firewall] min_ttl`` after each answer, so an address answered
+    within that time and missing from the set was not fed -- or the set was made again since
+    (`firewall remove` + `apply`), which empties it until the next answer: then dnsguard is
+    asked again, and must put it back. With no answer to go by, it falls back to whether
+    anything has bound the fence's NFLOG group (serve does).
+    """
+    if not _nflog_bound(runner, NFLOG_GROUP):
+        return False, f"no dnsguard serve --firewall here (NFLOG group {NFLOG_GROUP} unbound)"
+    now = time.time()
+    answered = _answered(db, now - max(min_ttl, 60))
+    fed = [ip for ip in answered if ip in members]
+    must = [ip for ip, (ts, _) in answered.items() if ts >= now - (min_ttl - 2)]
+    if fed:
+        return True, (f"being fed: {len(fed)} of the {len(answered)} IPv4 addresses dnsguard answered "
+                      f"lately are in it")
+    if not must:
+        return True, "dnsguard serve --firewall is running (no recent answer to check the set against)"
+    ip = must[0]
+    qname = answered[ip][1]
+    if _refed(ip, qname, listen, netns):
+        return True, f"being fed: asked for {qname} again, dnsguard put {ip} back in it"
+    return False, (f"none of the {len(must)} IPv4 addresses dnsguard answered in the last {min_ttl} s is in "
+                   f"it, and asking for {qname} again did not put {ip} there: answers are not reaching "
+                   "the set")
 
 
 def _nflog_bound(runner: Runner, group: int) -> bool:
