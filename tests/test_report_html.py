@@ -75,6 +75,10 @@ def log_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
         conn.execute("INSERT INTO client_labels (client_id, name, since, until) VALUES (?, ?, 0, NULL)",
                      (client_id, "openclaw-gateway"))
         conn.execute("INSERT INTO log_size_drops (ts, dropped) VALUES (?, ?)", (NOW - H, 5000))
+        conn.execute("INSERT INTO connection_gaps (since, until, reason) VALUES (?, ?, ?)",
+                     (NOW - 2 * H - 30, NOW - 2 * H, "connection recorder exited with status -9"))
+        conn.execute("INSERT INTO connection_overflow (ts, dropped, overruns, lost_names) "
+                     "VALUES (?, 0, 0, 4)", (NOW - H,))
     return path
 
 
@@ -139,6 +143,9 @@ def test_page_shows_egress_by_name_and_client_names(report_file: Path) -> None:
     assert "<b>openclaw-gateway</b>" in egress
     unnamed = page[page.index("<h2>Egress to addresses never"):page.index("<h2>Allowed names that failed")]
     assert "198.51.100.7" in unnamed and "would-block" in unnamed and "192.0.2.80" not in unnamed
+    gap = page.index('class="warn conn-gap"')
+    assert gap < page.index('class="cards"') and "exited with status -9" in page[gap:gap + 400]
+    assert "4 addresses' names did not reach" in page
     clients = page[page.index("<h2>Clients</h2>"):page.index("<h2>Exfiltration-shaped")]
     assert "<b>openclaw-gateway</b> <code>127.0.0.2</code>" in clients
 

@@ -144,6 +144,15 @@ def _egress_warnings(egress: dict, names: dict[str, str]) -> list[str]:
         out.append(f'<div class="warn" id="conn-overflow"><b>Connections missing.</b> {_n(ov["dropped"])} '
                    f'connections were not recorded ({_n(ov["dropped_in_window"])} in this window, last '
                    f'{_when(ov["last"])}).</div>')
+    for gap in ov.get("gaps", ()):
+        until = _when(gap["until"]) if gap["until"] else "now (not back)"
+        out.append(f'<div class="warn conn-gap"><b>Connection recorder down.</b> Connections made from '
+                   f'{_when(gap["since"])} to {until} may be missing '
+                   f'({_e(gap["reason"] or "no reason")}).</div>')
+    if ov.get("lost_names"):
+        out.append(f'<div class="warn" id="lost-names"><b>Names missing.</b> {_n(ov["lost_names"])} '
+                   f"addresses' names did not reach the connection recorder: their connections may be "
+                   f"listed without a name, under egress to addresses never looked up.</div>")
     return out
 
 
