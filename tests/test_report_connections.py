@@ -381,6 +381,9 @@ def test_cli_summary_egress_names_a_container_by_its_label(log_db: Path, tmp_pat
         (AGENT, "agent", None), (OTHER, None, "sandbox-7")}
     table = _cli(path, "connections", "--since", rpt.iso(NOW - H), "--until", rpt.iso(NOW))
     assert any("sandbox-7" in ln and "203.0.113.12" in ln for ln in table.splitlines())
+    only = json.loads(_cli(path, "connections", "--since", rpt.iso(NOW - H), "--until", rpt.iso(NOW),
+                           "--client", "sandbox-7", "--format", "json"))
+    assert only["connections"] and {c["source"] for c in only["connections"]} == {OTHER}
 
 
 def test_a_short_window_reads_its_rows_through_the_indexes(log_db: Path) -> None:

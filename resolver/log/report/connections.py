@@ -80,11 +80,15 @@ def _where(db: Database, since: float | None, until: float | None, filters: Conn
         try:
             net = ipaddress.ip_network(client, strict=False)
         except ValueError:
-            if "client" not in cols:
-                cond.append("0")
-            else:
-                cond.append("client = ?")
-                params.append(client)
+            # A [[clients]] name, or a container's / fenced user's label the source had then.
+            by_label = ("EXISTS (SELECT 1 FROM client_labels l JOIN clients c ON c.id = l.client_id "
+                        "WHERE l.name = ? AND c.addr = connections.source AND l.since <= connections.ts "
+                        "AND (l.until IS NULL OR l.until > connections.ts))"
+                        if "client_labels" in db.table_names() else None)
+            named = "client = ?" if "client" in cols else None
+            terms = [t for t in (named, by_label) if t is not None]
+            cond.append(f"({' OR '.join(terms)})" if terms else "0")
+            params.extend([client] * len(terms))
         else:
             # Text addresses cannot be range-compared in SQL; the few CIDR forms people use
             # are matched exactly (one address) or in Python (below) through dg_in_net.
