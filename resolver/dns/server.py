@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import signal
 import socket
 import sys
@@ -36,6 +37,41 @@ def _format_listen(host: str, port: int) -> str:
 
 
 UDP_RCVBUF = 8 * 1024 * 1024
+
+
+# Linux's IP_FREEBIND / IPV6_FREEBIND (older Pythons do not name them).
+_FREEBIND = {socket.AF_INET: (socket.IPPROTO_IP, getattr(socket, "IP_FREEBIND", 15)),
+             socket.AF_INET6: (socket.IPPROTO_IPV6, getattr(socket, "IPV6_FREEBIND", 78))}
+
+
+def _is_local(family: int, host: str) -> bool:
+    """Whether ``host`` is an address of this host now (uvloop's bind error has no errno to ask)."""
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((host, 0))
+        except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return False
+            raise
+    return True
+
+
+def _freebind_socket(family: int, type_: int, host: str, port: int) -> socket.socket:
+    """A socket bound to an address this host does not have (yet)."""
+    sock = socket.socket(family, type_)
+    try:
+        level, opt = _FREEBIND[family]
+        sock.setsockopt(level, opt, 1)
+        if type_ == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _grow_receive_buffer(sock: socket.socket | None) -> None:
@@ -275,16 +311,34 @@ class DnsServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         for host, port in self.config.server.listen:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            freebind = not _is_local(family, host)
+            if freebind:
+                # Not an address of this host (yet): a Docker bridge's gateway before `compose
+                # up` made the network. Bind anyway and answer once it appears, rather than fail
+                # and be restarted by systemd until then; say so (a typo shows up here too).
+                self.announce(f"dnsguard: {host} is not an address of this host yet; listening "
+                              f"on it anyway (IP_FREEBIND): queries arrive once it is configured")
             for attempt in range(20):
                 udp_t = tcp_s = None
                 try:
-                    udp_t, _ = await loop.create_datagram_endpoint(
-                        lambda: UdpProtocol(self.resolver, self.tasks, self.tap), local_addr=(host, port),
-                        family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+                    if freebind:
+                        udp_sock = _freebind_socket(family, socket.SOCK_DGRAM, host, port)
+                        udp_t, _ = await loop.create_datagram_endpoint(
+                            lambda: UdpProtocol(self.resolver, self.tasks, self.tap), sock=udp_sock)
+                    else:
+                        udp_t, _ = await loop.create_datagram_endpoint(
+                            lambda: UdpProtocol(self.resolver, self.tasks, self.tap), local_addr=(host, port),
+                            family=family)
                     real_port = udp_t.get_extra_info("sockname")[1]
                     _grow_receive_buffer(udp_t.get_extra_info("socket"))
-                    tcp_s = await loop.create_server(lambda: TcpProtocol(self), host, real_port,
-                                                     reuse_address=True, backlog=1024)
+                    if freebind:
+                        tcp_sock = _freebind_socket(family, socket.SOCK_STREAM, host, real_port)
+                        tcp_s = await loop.create_server(lambda: TcpProtocol(self), sock=tcp_sock,
+                                                         backlog=1024)
+                    else:
+                        tcp_s = await loop.create_server(lambda: TcpProtocol(self), host, real_port,
+                                                         reuse_address=True, backlog=1024)
                 except OSError:
                     if udp_t is not None:
                         udp_t.close()
