@@ -38,9 +38,10 @@ from resolver.core.errors import UpstreamError
 from resolver.core.model import Decision
 from resolver.dns import wire
 from resolver.dns.cache import AnswerCache, Entry
+from resolver.dns.clean import Cleaner
 from resolver.dns.ratelimit import RateLimiter, RefusedCounter
 from resolver.dns.stats import UpstreamStats
-from resolver.dns.upstream import Cleaner, Upstream
+from resolver.dns.upstream import Upstream
 from resolver.policy.config import ClientPolicy, Config
 from resolver.policy.matcher import Matcher
 
