@@ -322,3 +322,38 @@ async def test_a_flooded_socket_yields_to_the_loop(responder):
         assert answer_of(await ask(pool, 2)) == "192.0.2.3"
     finally:
         pool.close()
+
+
+async def test_deadlines_of_many_queries_fire_and_leave_nothing_behind():
+    """One sweeper serves every query's deadline: each silent query times out near its own
+    deadline, answered and cancelled ones leave the heap, and the sweeper stops when idle."""
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    pool = PortPool(silent.getsockname(), _matches, size=4)
+    try:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        qs = [question(i) for i in range(30)]
+        waits = [pool.exchange(wire.build_query(os.urandom(2), q, 0), q, n, start + 0.1 + (i % 3) * 0.1)
+                 for i, (q, n) in enumerate(qs)]
+        tasks = [asyncio.ensure_future(w) for w in waits]
+        await asyncio.sleep(0)
+        tasks[0].cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(results[0], asyncio.CancelledError)
+        assert all(isinstance(r, TimeoutError) for r in results[1:])
+        assert loop.time() - start < 2.0
+        assert all(not p.pending for p in pool.ports if p is not None)
+        # The sweep that expired the last query emptied the heap and did not re-arm.
+        assert not pool._deadlines and pool._sweeper is None
+    finally:
+        pool.close()
+        silent.close()
+
+
+def test_the_answers_json_is_what_json_dumps_writes():
+    import json
+
+    from resolver.dns.clean import _json
+    for items in (["192.0.2.1"], ["a.example", "2001:db8::1"], ['we"ird\\name', "caf\u00e9", "\x01"]):
+        assert _json(items) == json.dumps(items, separators=(",", ":"))

@@ -27,8 +27,14 @@ from resolver.core.names import wire_to_text
 from resolver.dns import wire
 from resolver.dns.wire import is_subdomain, read_name, svcb_hints
 
-# One encoder for every miss: json.dumps with options builds a new JSONEncoder per call.
-_json = json.JSONEncoder(separators=(",", ":")).encode
+
+def _json(items: list[str]) -> str:
+    """``json.dumps(items, separators=(",", ":"))`` for a list of strings, at a fifth of
+    the cost (the encoder object json builds per call is most of it)."""
+    return "[" + ",".join(map(_json_str, items)) + "]"
+
+
+_json_str = json.encoder.encode_basestring_ascii  # what json.dumps uses (ensure_ascii)
 _KEEP_AUTHORITY = frozenset((dns.rdatatype.SOA, dns.rdatatype.NSEC, dns.rdatatype.NSEC3,
                              dns.rdatatype.RRSIG))
 
@@ -42,7 +48,7 @@ def _bad(exc: Exception) -> BadReply:
     return BadReply(f"unparseable reply ({exc.__class__.__name__}: {' '.join(str(exc).split())})")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs ~1 µs more per miss
 class Cleaned:
     """An upstream reply reduced to what may be relayed and cached."""
 
@@ -269,7 +275,7 @@ class Cleaner:
         rcode = msg.rcode() & 0xF
         return Cleaned(rcode, an, ns, 0, rendered[qend:], offsets, ttls,
                        self._cache_ttl(rcode, an, ttls, soa_ttl),
-                       json.dumps(chain, separators=(",", ":")) if chain else None, tuple(addrs), dropped,
+                       _json(chain) if chain else None, tuple(addrs), dropped,
                        tuple(stripped))
 
 
