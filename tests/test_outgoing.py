@@ -345,7 +345,7 @@ async def test_deadlines_of_many_queries_fire_and_leave_nothing_behind():
         assert loop.time() - start < 2.0
         assert all(not p.pending for p in pool.ports if p is not None)
         # The sweep that expired the last query emptied the heap and did not re-arm.
-        assert not pool._deadlines and pool._sweeper is None
+        assert not pool._due and not pool._ticks and pool._sweeper is None
     finally:
         pool.close()
         silent.close()

@@ -142,7 +142,8 @@ class Upstream:
                 unparseable = True
                 self._episode(server, True)
                 continue
-            self._episode(server, False)
+            if self.broken:  # almost always empty: no loop.time() per miss
+                self._episode(server, False)
             return result
         raise UpstreamError("; ".join(reasons) or "no upstream answered", unparseable=unparseable)
 
