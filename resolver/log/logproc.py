@@ -275,7 +275,7 @@ def main(argv: list[str]) -> int:
     # and a backlog here is bounded and counted.
     with contextlib.suppress(OSError):
         os.nice(10)
-    if os.environ.get("DNSGUARD_WRITER_SLICE", "long") == "long":
+    if os.environ.get("DNSGUARD_EXP_SLICE", "1") != "0":
         yield_to_wakers()
     from resolver.log.clients import ClientNames
     from resolver.log.querylog import QueryLog
@@ -297,7 +297,7 @@ def main(argv: list[str]) -> int:
                    batch_max=WRITER_BATCH, batch_interval=WRITER_INTERVAL, max_size_mb=max_size_mb,
                    namer=names.name)
     log.start()
-    if os.environ.get("DNSGUARD_WRITER_SLICE", "long") == "long":
+    if os.environ.get("DNSGUARD_EXP_SLICE", "1") != "0":
         yield_to_wakers()  # the threads just started (a thread's slice is its own)
     submit_many = log.submit_many
     stream = sys.stdin.buffer
@@ -336,8 +336,6 @@ def yield_to_wakers() -> bool:
     writer with the longest slice is preempted as soon as the loop wakes. Its share of the
     CPU (its weight, nice 10) is unchanged, so under saturation it keeps up as before.
     Returns False where this cannot be done (other kernels, other architectures).
-    ``DNSGUARD_WRITER_SLICE=default`` in the server's environment leaves the slice alone
-    (for measuring the difference: scripts/bench_tail.py).
     """
     import ctypes
     import platform
