@@ -275,8 +275,6 @@ def main(argv: list[str]) -> int:
     # and a backlog here is bounded and counted.
     with contextlib.suppress(OSError):
         os.nice(10)
-    if os.environ.get("DNSGUARD_EXP_SLICE", "1") != "0":
-        yield_to_wakers()
     from resolver.log.clients import ClientNames
     from resolver.log.querylog import QueryLog
 
@@ -297,8 +295,6 @@ def main(argv: list[str]) -> int:
                    batch_max=WRITER_BATCH, batch_interval=WRITER_INTERVAL, max_size_mb=max_size_mb,
                    namer=names.name)
     log.start()
-    if os.environ.get("DNSGUARD_EXP_SLICE", "1") != "0":
-        yield_to_wakers()  # the threads just started (a thread's slice is its own)
     submit_many = log.submit_many
     stream = sys.stdin.buffer
     while True:
@@ -319,48 +315,6 @@ def main(argv: list[str]) -> int:
         elif kind == "config":
             log.configure(*payload)
     return 0 if log.close() else 1
-
-
-# sched_setattr(2): not in the os module. x86_64 and aarch64 numbers.
-_SYS_SCHED_SETATTR = {"x86_64": 314, "aarch64": 274}
-_SLICE_NS = 100_000_000  # the longest slice Linux accepts for SCHED_OTHER (6.12+)
-
-
-def yield_to_wakers() -> bool:
-    """Ask for a long scheduler slice for every thread of this process (Linux 6.12+, EEVDF).
-
-    The writer shares a CPU with the event loop. The kernel protects a running task from a
-    waking one until its slice is used up, unless the waking task's slice is the shorter
-    (PREEMPT_SHORT): with the default slice on both, a datagram arriving while the writer
-    runs waits for the rest of the writer's slice -- a millisecond or more of p99. A
-    writer with the longest slice is preempted as soon as the loop wakes. Its share of the
-    CPU (its weight, nice 10) is unchanged, so under saturation it keeps up as before.
-    Returns False where this cannot be done (other kernels, other architectures).
-    """
-    import ctypes
-    import platform
-
-    nr = _SYS_SCHED_SETATTR.get(platform.machine())
-    if nr is None:
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return False
-    nice = os.getpriority(os.PRIO_PROCESS, 0)
-    # struct sched_attr (SCHED_ATTR_SIZE_VER0): size, policy, flags, nice, priority, runtime,
-    # deadline, period. SCHED_FLAG_KEEP_PARAMS is not used: runtime is the slice hint.
-    attr = struct.pack("=IIQiIQQQ", 48, 0, 0, nice, 0, _SLICE_NS, 0, 0)
-    buf = ctypes.create_string_buffer(attr)
-    ok = True
-    try:
-        tids = [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:
-        tids = [0]
-    for tid in tids:
-        if libc.syscall(nr, tid, buf, 0) != 0:
-            ok = False
-    return ok
 
 
 def _read_exact_len(stream: Any) -> int:
