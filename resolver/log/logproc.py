@@ -342,7 +342,9 @@ class WriterPriority:
 
     def __init__(self, enabled: bool = True) -> None:
         self.idle = False
-        self.enabled = enabled and _may_leave_idle() and self._set(True)
+        self.enabled = enabled and self._set(True) and self._set(False)
+        if self.enabled:
+            self._set(True)
 
     def update(self, pipe_bytes: int, rows: int) -> None:
         if not self.enabled:
@@ -362,20 +364,6 @@ class WriterPriority:
             return False
         self.idle = idle
         return True
-
-
-def _may_leave_idle() -> bool:
-    """Whether SCHED_IDLE -> SCHED_OTHER will be allowed: as root, or when RLIMIT_NICE covers
-    our nice value (sched(7)). Asked before idling, never found out by being stuck idle."""
-    if os.geteuid() == 0:
-        return True
-    try:
-        import resource
-
-        limit = resource.getrlimit(resource.RLIMIT_NICE)[0]
-        return limit == resource.RLIM_INFINITY or 20 - os.getpriority(os.PRIO_PROCESS, 0) <= limit
-    except (ImportError, OSError, ValueError, AttributeError):
-        return False
 
 
 def _waiting(stream: Any) -> int:
