@@ -46,13 +46,6 @@ PIPE_SIZES = (4 * 1024 * 1024, 1024 * 1024, 256 * 1024)
 _F_SETPIPE_SZ = 1031  # Linux fcntl
 _LEN = struct.Struct("!I")
 GC_INTERVAL = 30.0
-# The writer idles (SCHED_IDLE) while it keeps up, and competes (SCHED_OTHER, nice 10) while it
-# is behind: this many bytes waiting in the pipe, or this many rows not yet committed.
-BEHIND_PIPE = 32 * 1024
-BEHIND_ROWS = 20_000
-CAUGHT_UP_PIPE = 4 * 1024
-CAUGHT_UP_ROWS = 2_000
-_FIONREAD = 0x541B  # Linux ioctl: bytes waiting in a pipe
 WRITER_BATCH = 20_000
 WRITER_INTERVAL = 0.25  # s; under load a transaction gathers up to this long (or WRITER_BATCH rows)
 
@@ -304,7 +297,6 @@ def main(argv: list[str]) -> int:
     log.start()
     submit_many = log.submit_many
     stream = sys.stdin.buffer
-    sched = WriterPriority(os.environ.get("DNSGUARD_WRITER_IDLE", "1") != "0")
     while True:
         try:
             message = marshal.loads(_read_exact(stream, _read_exact_len(stream)))
@@ -312,7 +304,6 @@ def main(argv: list[str]) -> int:
             break
         if message is None:
             break
-        sched.update(_waiting(stream), log.queued)
         if time.monotonic() >= next_gc:
             gc.collect()
             next_gc = time.monotonic() + GC_INTERVAL
@@ -324,56 +315,6 @@ def main(argv: list[str]) -> int:
         elif kind == "config":
             log.configure(*payload)
     return 0 if log.close() else 1
-
-
-class WriterPriority:
-    """SCHED_IDLE for every writer thread while the writer keeps up, SCHED_OTHER when behind.
-
-    The writer shares a CPU with the event loop. As an ordinary (even nice 10) task it
-    preempts the running loop when it wakes, and the loop then waits for the writer's slice
-    -- up to a scheduler tick, milliseconds: that was the log-on p99 (perf sched showed the
-    loop preempted by the writer ~20-70 times in 4 s at 10k q/s, waiting up to 4.8 ms). A
-    SCHED_IDLE task never preempts an ordinary one. But at saturation an idle writer would
-    starve and the records would pile up, so while it is behind (``BEHIND_*``) it runs as an
-    ordinary task again until it has caught up (``CAUGHT_UP_*``). Where switching back is
-    not allowed (SCHED_IDLE -> SCHED_OTHER needs CAP_SYS_NICE below RLIMIT_NICE), the writer
-    never idles.
-    """
-
-    def __init__(self, enabled: bool = True) -> None:
-        self.idle = False
-        self.enabled = enabled and self._set(True) and self._set(False)
-        if self.enabled:
-            self._set(True)
-
-    def update(self, pipe_bytes: int, rows: int) -> None:
-        if not self.enabled:
-            return
-        if self.idle and (pipe_bytes >= BEHIND_PIPE or rows >= BEHIND_ROWS):
-            self._set(False)
-        elif not self.idle and pipe_bytes < CAUGHT_UP_PIPE and rows < CAUGHT_UP_ROWS:
-            self._set(True)
-
-    def _set(self, idle: bool) -> bool:
-        policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
-        try:
-            for tid in os.listdir("/proc/self/task"):
-                with contextlib.suppress(ProcessLookupError):  # a thread that just ended
-                    os.sched_setscheduler(int(tid), policy, os.sched_param(0))
-        except (OSError, AttributeError):  # not Linux, or not allowed
-            return False
-        self.idle = idle
-        return True
-
-
-def _waiting(stream: Any) -> int:
-    """Bytes waiting in the pipe behind what has been read (0 if that cannot be known)."""
-    try:
-        buf = bytearray(4)
-        fcntl.ioctl(stream.fileno(), _FIONREAD, buf)
-        return int.from_bytes(buf, sys.byteorder)
-    except (OSError, ValueError):
-        return 0
 
 
 def _read_exact_len(stream: Any) -> int:
