@@ -20,7 +20,7 @@ import dns.rrset
 
 from resolver.dns.cache import Entry
 from resolver.dns.chain import Resolver
-from resolver.dns.upstream import clean_reply
+from resolver.dns.clean import clean_reply
 from resolver.policy.config import parse_config
 
 POLICY = '[upstream]\nservers = ["127.0.0.1:9"]\n[allow]\ndomains = ["*.allowed.test"]\n'

@@ -16,7 +16,8 @@ import dns.rrset
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resolver.dns.upstream import Cleaner, read_name, svcb_hints
+from resolver.dns.clean import Cleaner
+from resolver.dns.wire import read_name, svcb_hints
 
 QNAME = "www.allowed.test."
 QUESTION_A = dns.name.from_text(QNAME).to_wire() + struct.pack(">HH", 1, 1)

@@ -18,7 +18,7 @@ from test_wire import ALLOWED, DENIED, POLICY, queries, reference, upstream_repl
 from resolver.dns import wire
 from resolver.dns.cache import Entry
 from resolver.dns.chain import Resolver
-from resolver.dns.upstream import clean_reply
+from resolver.dns.clean import clean_reply
 from resolver.policy.config import parse_config
 
 CLIENT = "127.0.0.1"

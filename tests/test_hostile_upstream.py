@@ -27,7 +27,8 @@ import pytest
 from helpers import make_policy
 
 from resolver.core.errors import UpstreamError
-from resolver.dns.upstream import Cleaned, Cleaner, Upstream
+from resolver.dns.clean import Cleaned, Cleaner
+from resolver.dns.upstream import Upstream
 
 SEED = 1111
 QUERIES = 320

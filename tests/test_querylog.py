@@ -14,7 +14,7 @@ from helpers import wait_until
 
 from resolver.core.model import LOG_FIELDS
 from resolver.core.names import text_to_wire
-from resolver.log import querylog, schema
+from resolver.log import querylog, schema, upkeep
 from resolver.log.querylog import QueryLog
 from resolver.log.schema import SCHEMA_VERSION
 
@@ -242,7 +242,7 @@ def test_close_gives_up_on_a_path_that_stays_unwritable(tmp_path: Path, capsys) 
 
 
 def test_retention_prunes_old_rows_in_chunks(db_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(querylog, "PRUNE_CHUNK", 1000)
+    monkeypatch.setattr(upkeep, "PRUNE_CHUNK", 1000)
     now = time.time()
     log = QueryLog(str(db_path), retention_days=2, prune_interval=0.05)
     log.start()

@@ -13,7 +13,8 @@ from nameserver import POISON_ADDRESS, big_a_rrset_records
 
 from resolver.core.errors import UpstreamError
 from resolver.dns import wire
-from resolver.dns.upstream import Cleaner, Upstream
+from resolver.dns.clean import Cleaner
+from resolver.dns.upstream import Upstream
 
 RECORDS = {"www.up.test.": {"A": "192.0.2.10"}}
 

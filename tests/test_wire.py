@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from resolver.dns import wire
 from resolver.dns.cache import Entry
 from resolver.dns.chain import Resolver
-from resolver.dns.upstream import clean_reply
+from resolver.dns.clean import clean_reply
 from resolver.policy.config import parse_config
 
 POLICY = """

@@ -37,9 +37,10 @@ from resolver.core.errors import UpstreamError
 from resolver.core.model import Decision
 from resolver.dns import wire
 from resolver.dns.cache import STALE_TTL, AnswerCache, Entry
+from resolver.dns.clean import Cleaner
 from resolver.dns.ratelimit import LIMITED_SHARED, RateLimiter, RefusedCounter
 from resolver.dns.stats import UpstreamStats
-from resolver.dns.upstream import Cleaner, Upstream
+from resolver.dns.upstream import Upstream
 from resolver.dns.views import ClientView, classify, named_networks
 from resolver.policy.config import Config
 
