@@ -73,3 +73,10 @@ def test_readme_map_matches_the_tree() -> None:
         present |= {p.parent.name + "/" for p in base.glob("*/__init__.py")}
         missing = present - {n.rstrip("/") if (base / f"{n.rstrip('/')}.py").is_file() else n for n in named}
         assert not missing, f"README's row for resolver/{pkg}/ does not mention {sorted(missing)}"
+
+
+def test_no_module_holds_two_ideas() -> None:
+    """The project's rule of thumb: a module past ~500 lines holds two ideas; split it."""
+    long = {str(p.relative_to(ROOT)): n for p in sorted((ROOT / "resolver").rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > 500}
+    assert long == {}, f"split these along a seam: {long}"
