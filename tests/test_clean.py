@@ -154,3 +154,37 @@ def test_rdata_with_names_is_re_rendered_not_kept_verbatim():
     c = cleaner.clean(r.to_wire(), question, len(question) - 4)
     (mx,), _ = decode(question, c.body, c.an, c.ns)
     assert mx[0].exchange == dns.name.from_text("mail.allowed.test.") and c.ar == 0
+
+
+def _reply(question: bytes, rrs: bytes, an: int, ns: int = 0) -> bytes:
+    return struct.pack(">HHHHHH", 0x1234, 0x8180, 1, an, ns, 0) + question + rrs
+
+
+def test_records_whose_rdata_does_not_parse_are_never_kept_verbatim():
+    """Bytes the fast path used to relay (and cache) as NOERROR: a CNAME whose target runs past
+    its RDATA, a TXT whose string lengths do not add up, an SOA with its fields cut short. They
+    go to the full parser, which turns them into BadReply (SERVFAIL + EDE 23 upstream of here)."""
+    from resolver.dns.clean import BadReply
+
+    owner = b"\xc0\x0c"  # pointer to the question name
+    target = dns.name.from_text("cdn.example.").to_wire()
+    q_txt = dns.name.from_text(QNAME).to_wire() + struct.pack(">HH", 16, 1)
+    bad = {
+        "cname past its rdata": (QUESTION_A, owner + struct.pack(">HHIH", 5, 1, 60, 3) + target, 1, 0),
+        "cname short of its rdata": (QUESTION_A, owner + struct.pack(">HHIH", 5, 1, 60, len(target) + 2)
+                                     + target + b"\x00\x00", 1, 0),
+        "txt lengths overrun": (q_txt, owner + struct.pack(">HHIH", 16, 1, 60, 4) + b"\x09abc", 1, 0),
+        "soa fields cut short": (QUESTION_A, owner + struct.pack(">HHIH", 6, 1, 60, 2 + 2 + 8)
+                                 + b"\xc0\x0c\xc0\x0c" + b"\x00" * 8, 0, 1),
+    }
+    cleaner = Cleaner()
+    for what, (question, rrs, an, ns) in bad.items():
+        reply = _reply(question, rrs, an, ns)
+        try:
+            got = cleaner.clean(reply, question, len(question) - 4)
+        except BadReply:
+            continue
+        raise AssertionError(f"{what}: kept as {got!r}")
+    # The well-formed versions still take the bytes path.
+    good = _reply(q_txt, owner + struct.pack(">HHIH", 16, 1, 60, 4) + b"\x03abc", 1)
+    assert cleaner._fast(good, q_txt, len(q_txt) - 4) is not None

@@ -126,7 +126,9 @@ class Cleaner:
             offsets.append(i + 4 - qend)
             ttls.append(ttl)
             if rtype == wire.TYPE_CNAME:
-                target = read_name(reply, start)[0]
+                target, after = read_name(reply, start)
+                if after != end:  # the name runs past (or stops short of) its RDATA: let the parser judge
+                    return None
                 owners.add(target)
                 chain.append(wire_to_text(target))
             elif rtype == wire.TYPE_A or rtype == wire.TYPE_AAAA:
@@ -142,6 +144,12 @@ class Cleaner:
                 if not all(public(ip) for ip in hints):
                     return None
                 addrs.extend((ip, ttl) for ip in hints)
+            elif rtype == wire.TYPE_TXT:
+                j = start
+                while j < end:  # <length><bytes> strings that end exactly with the RDATA
+                    j += 1 + reply[j]
+                if j != end or rdlen == 0:
+                    return None
             elif rtype not in _FAST_OPAQUE:
                 # Names inside other RDATA (MX, SRV, NS, PTR, ...) may be compressed, and a pointer
                 # into the additional section we cut off would corrupt the answer: re-render.
@@ -161,7 +169,9 @@ class Cleaner:
             if rtype in _KEEP_AUTH_TYPES and any(is_subdomain(o, owner) for o in owners):
                 if rtype != wire.TYPE_SOA:
                     return None  # NSEC/NSEC3/RRSIG proofs: rare, and their names are re-rendered
-                read_name(reply, read_name(reply, i + 10)[1])  # both SOA names point backwards
+                # Both SOA names (they point backwards), then exactly the five 32-bit fields.
+                if read_name(reply, read_name(reply, i + 10)[1])[1] + 20 != end:
+                    return None
                 keep += 1
                 auth_offsets.append(i + 4 - qend)
                 auth_ttls.append(ttl & 0x7FFFFFFF)
@@ -304,7 +314,8 @@ def _hints_of(rd: object) -> list[str]:
 _RR = struct.Struct(">HHIH")
 # Answer types the bytes path keeps verbatim: their RDATA holds no name (A, AAAA, TXT), a name
 # checked with read_name (CNAME), or an uncompressed one (SVCB/HTTPS, checked in svcb_hints).
-_FAST_OPAQUE = frozenset((wire.TYPE_A, wire.TYPE_AAAA, wire.TYPE_CNAME, 16, wire.TYPE_SVCB, wire.TYPE_HTTPS))
+_FAST_OPAQUE = frozenset((wire.TYPE_A, wire.TYPE_AAAA, wire.TYPE_CNAME, wire.TYPE_TXT, wire.TYPE_SVCB,
+                          wire.TYPE_HTTPS))
 _KEEP_AUTH_TYPES = frozenset((wire.TYPE_SOA, 47, 50, 46))  # SOA, NSEC, NSEC3, RRSIG
 
 

@@ -23,7 +23,7 @@ BADVERS = 16  # extended rcode, carried half in the OPT record (RFC 6891)
 
 # Types and classes that get special handling
 TYPE_A, TYPE_CNAME, TYPE_SOA, TYPE_AAAA, TYPE_OPT = 1, 5, 6, 28, 41
-TYPE_SVCB, TYPE_HTTPS, TYPE_ANY, TYPE_HINFO = 64, 65, 255, 13
+TYPE_SVCB, TYPE_HTTPS, TYPE_ANY, TYPE_HINFO, TYPE_TXT = 64, 65, 255, 13, 16
 CLASS_IN = 1
 
 # Extended DNS Error info-codes (RFC 8914)
