@@ -74,3 +74,28 @@ async def test_a_record_with_a_non_plain_field_is_still_written(tmp_path: Path) 
     assert clients == ["127.0.0.1", "127.0.0.1", "192.0.2.5"]
     assert rcodes == ["NOERROR", "NOERROR", "NXDOMAIN"]
     assert log.overflow == 0
+
+
+@pytest.mark.asyncio
+async def test_a_pinned_servers_writer_runs_on_the_other_cpus(tmp_path: Path) -> None:
+    """A child inherits its parent's CPU affinity; the writer leaves a pinned server's CPUs to it
+    (its bursts on the server's CPU were the log-on latency tail), and stays put otherwise."""
+    import os
+
+    before = os.sched_getaffinity(0)
+    every = set(range(os.cpu_count() or 1))
+    pinned = {max(before)}
+    os.sched_setaffinity(0, pinned)  # as `taskset` would pin the server; the child inherits it
+    try:
+        log = ProcessLog(str(tmp_path / "log.db"))
+        log.start()
+    finally:
+        os.sched_setaffinity(0, before)
+    want = (every - pinned) or pinned  # one CPU in all: nothing else to go to
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.run_in_executor(None, lambda: wait_until(
+            lambda: os.sched_getaffinity(log._proc.pid) == want, 10.0, what=f"the writer on CPUs {want}"))
+    finally:
+        log.stop_flushing()
+        assert await loop.run_in_executor(None, log.close)

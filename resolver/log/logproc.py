@@ -265,6 +265,27 @@ def _read_exact(stream: Any, n: int) -> bytes:
     return data
 
 
+def leave_server_cpus() -> set[int] | None:
+    """When the server is pinned to some CPUs (taskset, systemd CPUAffinity=), run the writer on
+    the others; returns the CPUs it now runs on, None when nothing changed.
+
+    A child inherits its parent's affinity, so a pinned server's writer shares its CPU, and
+    each of the writer's bursts keeps a waking event loop waiting for the CPU -- on a kernel
+    that reschedules fair-class wake-ups lazily, until the next tick: the milliseconds of the
+    log-on p99 tail (docs/performance.md, issue #15). An unpinned server's writer is left to
+    the scheduler, as are CPUs a cgroup does not allow.
+    """
+    try:
+        mine = os.sched_getaffinity(0)
+        others = set(range(os.cpu_count() or 1)) - mine
+        if not others:
+            return None
+        os.sched_setaffinity(0, others)
+    except (OSError, AttributeError):  # a cpuset without those CPUs, or not Linux
+        return None
+    return others
+
+
 def main(argv: list[str]) -> int:
     """The writer process, frames on stdin:
     `python -m resolver.log.logproc DB QUEUE_MAX RETENTION_DAYS [MAX_SIZE_MB [DOCKER_SOCKET]]`."""
@@ -275,6 +296,7 @@ def main(argv: list[str]) -> int:
     # and a backlog here is bounded and counted.
     with contextlib.suppress(OSError):
         os.nice(10)
+    leave_server_cpus()
     from resolver.log.clients import ClientNames
     from resolver.log.querylog import QueryLog
 
