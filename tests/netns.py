@@ -26,7 +26,7 @@ import shutil
 import socket
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from helpers import wait_until  # noqa: F401  (one poller for all tests; re-exported for the netns suite)
 
@@ -86,6 +86,22 @@ def cleanup_stale() -> None:
         m = re.match(rf"{re.escape(PREFIX)}(\d+)-", name)
         if m and not os.path.exists(f"/proc/{m.group(1)}"):
             sh(["ip", "netns", "del", name], check=False)
+
+
+def fresh_topology() -> Iterator[Topology]:
+    """Body of a module-scoped fixture: our three namespaces, created and always destroyed.
+    As root the suite must run, so a missing tool or capability fails rather than skips."""
+    reason = unavailable()
+    if reason:
+        import pytest
+
+        pytest.fail(f"network namespaces are required: {reason}")
+    cleanup_stale()
+    t = Topology().create()
+    try:
+        yield t
+    finally:
+        t.destroy()
 
 
 class Topology:

@@ -10,25 +10,20 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT
 from helpers import make_policy, to_toml, wait_until
-from netns import Topology, cleanup_stale, unavailable
+from netns import Topology, fresh_topology
 
 LISTEN = "198.51.100.77"  # nowhere in the topology until the test adds it
 
 
 @pytest.fixture(scope="module")
-def topo():
-    reason = unavailable()
-    if reason:
-        pytest.fail(f"network namespaces are required: {reason}")
-    cleanup_stale()
-    t = Topology().create()
-    yield t
-    t.destroy()
+def topo() -> Iterator[Topology]:
+    yield from fresh_topology()
 
 
 def test_serve_binds_a_missing_address_and_answers_once_it_appears(topo: Topology, tmp_path: Path) -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import dns.edns
 import dns.message
 import pytest
 from helpers import wait_until
-from netns import Topology, cleanup_stale, unavailable
+from netns import Topology, fresh_topology
 
 from resolver.dns.chain import Resolver
 from resolver.fence.feeder import Fence
@@ -19,14 +20,8 @@ ADDR = "192.0.2.77"
 
 
 @pytest.fixture(scope="module")
-def topo():
-    reason = unavailable()
-    if reason:
-        pytest.fail(f"network namespaces are required: {reason}")
-    cleanup_stale()
-    t = Topology().create()
-    yield t
-    t.destroy()
+def topo() -> Iterator[Topology]:
+    yield from fresh_topology()
 
 
 def in_set(topo: Topology, ip: str) -> bool:
