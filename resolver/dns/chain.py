@@ -424,10 +424,7 @@ class Resolver:
 
     def _feed(self, entry: Entry, qname: bytes, now: float, ttl: int | None = None) -> None:
         try:
-            if ttl is None:
-                self.feeder.feed(entry, qname, now)
-            else:
-                self.feeder.feed(entry, qname, now, ttl)
+            self.feeder.feed(entry, qname, now, ttl)
         except Exception as exc:  # the fence must not take DNS down with it
             print(f"dnsguard: firewall set update failed: {exc}", file=sys.stderr)
 
@@ -435,18 +432,14 @@ class Resolver:
 
     def _limited(self, data: bytes, ip: str, transport: str, t0: float, shared: bool) -> bytes | None:
         """Past the client's rate: counted for one row a second, REFUSED with EDE 18, no text."""
-        self.refused.count(ip, transport, t0 + self._wall_offset, self.config.mode, shared)
-        counts = self.counts
+        mode = self.config.mode
+        self.refused.count(ip, transport, t0 + self._wall_offset, mode, shared)
         try:
             _, qend, _, _, udp_size, do = wire.parse_query(data)
         except wire.BadQuery:
-            if counts is not None:
-                mkey = (None, self.config.mode, transport, None)
-                counts[mkey] = counts.get(mkey, 0) + 1
+            self._count(None, mode, transport, None)
             return None  # over its rate and not even a valid query: not worth a packet
-        if counts is not None:
-            mkey = (None, self.config.mode, transport, wire.REFUSED)
-            counts[mkey] = counts.get(mkey, 0) + 1
+        self._count(None, mode, transport, wire.REFUSED)
         return wire.local_answer(data, qend, wire.REFUSED, udp_size, do,
                                  self._refused_opts[do] if udp_size else None)
 
@@ -466,13 +459,17 @@ class Resolver:
                   f"{'dropped' if rcode is None else 'malformed'}: {bad.reason}")
         return resp
 
-    def _log(self, t0: float, ip: str, transport: str, qname: bytes | None, qtype: int | None,
-             verdict: str | None, mode: str, rule: str | None, rcode: int | None, answers: str | None,
-             cached: bool, note: str | None) -> None:
+    def _count(self, verdict: str | None, mode: str, transport: str, rcode: int | None) -> None:
+        """One answer for /metrics (the hot paths inline this: a call costs there)."""
         counts = self.counts
         if counts is not None:
             mkey = (verdict, mode, transport, rcode)
             counts[mkey] = counts.get(mkey, 0) + 1
+
+    def _log(self, t0: float, ip: str, transport: str, qname: bytes | None, qtype: int | None,
+             verdict: str | None, mode: str, rule: str | None, rcode: int | None, answers: str | None,
+             cached: bool, note: str | None) -> None:
+        self._count(verdict, mode, transport, rcode)
         submit = self.submit
         if submit is not None:
             submit((t0 + self._wall_offset, ip, transport, qname, qtype, verdict, mode, rule, rcode, answers,
