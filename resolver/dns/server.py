@@ -322,23 +322,16 @@ class DnsServer:
             for attempt in range(20):
                 udp_t = tcp_s = None
                 try:
-                    if freebind:
-                        udp_sock = _freebind_socket(family, socket.SOCK_DGRAM, host, port)
-                        udp_t, _ = await loop.create_datagram_endpoint(
-                            lambda: UdpProtocol(self.resolver, self.tasks, self.tap), sock=udp_sock)
-                    else:
-                        udp_t, _ = await loop.create_datagram_endpoint(
-                            lambda: UdpProtocol(self.resolver, self.tasks, self.tap), local_addr=(host, port),
-                            family=family)
+                    where: dict[str, Any] = (
+                        {"sock": _freebind_socket(family, socket.SOCK_DGRAM, host, port)} if freebind
+                        else {"local_addr": (host, port), "family": family})
+                    udp_t, _ = await loop.create_datagram_endpoint(
+                        lambda: UdpProtocol(self.resolver, self.tasks, self.tap), **where)
                     real_port = udp_t.get_extra_info("sockname")[1]
                     _grow_receive_buffer(udp_t.get_extra_info("socket"))
-                    if freebind:
-                        tcp_sock = _freebind_socket(family, socket.SOCK_STREAM, host, real_port)
-                        tcp_s = await loop.create_server(lambda: TcpProtocol(self), sock=tcp_sock,
-                                                         backlog=1024)
-                    else:
-                        tcp_s = await loop.create_server(lambda: TcpProtocol(self), host, real_port,
-                                                         reuse_address=True, backlog=1024)
+                    where = ({"sock": _freebind_socket(family, socket.SOCK_STREAM, host, real_port)}
+                             if freebind else {"host": host, "port": real_port, "reuse_address": True})
+                    tcp_s = await loop.create_server(lambda: TcpProtocol(self), backlog=1024, **where)
                 except OSError:
                     if udp_t is not None:
                         udp_t.close()
