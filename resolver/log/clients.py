@@ -78,14 +78,18 @@ class DockerAPI:
             raise DockerError(f"Docker API at {self.socket_path}: {exc}") from None
         return conn, resp
 
-    def call(self, method: str, path: str, body: Any = None) -> Any:
-        conn, resp = self._request(method, path, body)
+    @staticmethod
+    def _read(conn: Any, resp: Any, what: str) -> tuple[bytes, Any]:
+        """The whole body of ``resp``; the connection is closed either way."""
         try:
-            raw = resp.read()
+            return resp.read(), resp
         except OSError as exc:
-            raise DockerError(f"Docker API at {self.socket_path}: {exc}") from None
+            raise DockerError(f"{what}: {exc}") from None
         finally:
             conn.close()
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        raw, resp = self._read(*self._request(method, path, body), f"Docker API at {self.socket_path}")
         if resp.status >= 400:
             try:
                 message = json.loads(raw).get("message", "")
@@ -133,14 +137,9 @@ class DockerAPI:
             spec["User"] = user
         created = self.call("POST", f"/containers/{urllib.parse.quote(container, safe='')}/exec", spec)
         exec_id = created["Id"]
-        conn, resp = self._request("POST", f"/exec/{exec_id}/start", {"Detach": False, "Tty": False},
-                                   timeout=timeout)
-        try:
-            raw = resp.read()
-        except OSError as exc:
-            raise DockerError(f"docker exec in {container}: {exc}") from None
-        finally:
-            conn.close()
+        raw, resp = self._read(*self._request("POST", f"/exec/{exec_id}/start",
+                                              {"Detach": False, "Tty": False}, timeout=timeout),
+                               f"docker exec in {container}")
         if resp.status >= 400:
             raise DockerError(f"docker exec in {container}: {resp.status} {raw[:200]!r}")
         info = self.call("GET", f"/exec/{exec_id}/json")
