@@ -205,26 +205,22 @@ class App:
         if self.feeder is not None and (of.min_ttl, of.max_ttl) != (nf.min_ttl, nf.max_ttl):
             self.feeder.set_ttl_bounds(nf.min_ttl, nf.max_ttl)
         started = self._started
-        later = []
-        if new.server.listen != started.server.listen:
-            later.append("[server] listen")
-        sl = started.log
-        if nl.enabled != sl.enabled or (nl.enabled and nl.database != sl.database):
-            later.append("[log] enabled/database")
-        if nf.enabled != started.firewall.enabled:
-            later.append("[firewall] enabled")
-        sf = started.firewall
-        if nf.enabled and (nf.record_connections, nf.connection_refresh) != (sf.record_connections,
-                                                                             sf.connection_refresh):
-            later.append("[firewall] record_connections/connection_refresh_s")
-        if new.docker != started.docker:
-            later.append("[docker] socket")
-        if new.metrics != started.metrics:
-            later.append("[metrics]")
-        if new.dnstap != started.dnstap:
-            later.append("[dnstap]")
-        if nf.ports != started.firewall.ports:
-            later.append("[firewall] ports (run `dnsguard firewall apply` again)")
+        sl, sf = started.log, started.firewall
+        # Settings read only at start, in the order the stderr line names them.
+        changed = (
+            ("[server] listen", new.server.listen != started.server.listen),
+            ("[log] enabled/database",
+             nl.enabled != sl.enabled or (nl.enabled and nl.database != sl.database)),
+            ("[firewall] enabled", nf.enabled != sf.enabled),
+            ("[firewall] record_connections/connection_refresh_s",
+             nf.enabled and (nf.record_connections, nf.connection_refresh)
+             != (sf.record_connections, sf.connection_refresh)),
+            ("[docker] socket", new.docker != started.docker),
+            ("[metrics]", new.metrics != started.metrics),
+            ("[dnstap]", new.dnstap != started.dnstap),
+            ("[firewall] ports (run `dnsguard firewall apply` again)", nf.ports != sf.ports),
+        )
+        later = [label for label, differs in changed if differs]
         said = frozenset(later)
         if later and said != self._restart_said:
             print(f"dnsguard: policy reload: these changes take effect only after a restart: "
