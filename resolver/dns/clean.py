@@ -166,7 +166,7 @@ class Cleaner:
             end = i + 10 + rdlen
             if end > len(reply):
                 return None
-            if rtype in _KEEP_AUTH_TYPES and any(is_subdomain(o, owner) for o in owners):
+            if rtype in _KEEP_AUTHORITY and any(is_subdomain(o, owner) for o in owners):
                 if rtype != wire.TYPE_SOA:
                     return None  # NSEC/NSEC3/RRSIG proofs: rare, and their names are re-rendered
                 # Both SOA names (they point backwards), then exactly the five 32-bit fields.
@@ -316,7 +316,6 @@ _RR = struct.Struct(">HHIH")
 # checked with read_name (CNAME), or an uncompressed one (SVCB/HTTPS, checked in svcb_hints).
 _FAST_OPAQUE = frozenset((wire.TYPE_A, wire.TYPE_AAAA, wire.TYPE_CNAME, wire.TYPE_TXT, wire.TYPE_SVCB,
                           wire.TYPE_HTTPS))
-_KEEP_AUTH_TYPES = frozenset((wire.TYPE_SOA, 47, 50, 46))  # SOA, NSEC, NSEC3, RRSIG
 
 
 def _count_additional(reply: bytes) -> int:
