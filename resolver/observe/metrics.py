@@ -14,12 +14,10 @@ metric families, and register the reader in ``resolver.app`` (``Metrics.add``).
 
 from __future__ import annotations
 
-import os
 import platform
 import sqlite3
 import sys
 import threading
-import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -35,6 +33,8 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 
 from resolver import __version__
+from resolver.core.errors import DnsguardError
+from resolver.core.logdb import open_readonly
 
 Reader = Callable[[], Iterable[Metric]]
 
@@ -214,10 +214,10 @@ class LogFigures:
         """Run ``query``; the database may not exist yet, or lack a table an older one lacks."""
         try:
             if self._conn is None:
-                uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
-                self._conn = sqlite3.connect(uri, uri=True, timeout=1.0, check_same_thread=False)
+                self._conn = open_readonly(self.path, "lookup_rows", DnsguardError, missing_file="not yet",
+                                           missing_table="not yet", timeout=1.0)
             return query(self._conn)
-        except sqlite3.Error:
+        except (sqlite3.Error, DnsguardError):
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
