@@ -145,17 +145,20 @@ class RefusedCounter:
             self._emit_shared(mode)
 
     def _emit(self, ip: str, c: list, mode: str) -> None:
+        self._row(c[0], ip, c[2], mode, f"rate-limited: {c[1]} queries")
+
+    def _row(self, second: int, ip: str, transport: str, mode: str, note: str) -> None:
         if self.submit is not None:
-            # LOG_FIELDS order: ts, client, transport, qname, qtype, verdict, mode, rule, rcode,
-            # answers, cached, latency_ms, note.
-            self.submit((float(c[0]), ip, c[2], None, None, None, mode, None, 5, None, False, 0.0,
-                         f"rate-limited: {c[1]} queries"))
+            # LOG_FIELDS order: ts, client, transport, qname, qtype, verdict, mode, rule, rcode
+            # (REFUSED), answers, cached, latency_ms, note.
+            self.submit((float(second), ip, transport, None, None, None, mode, None, 5, None, False, 0.0,
+                         note))
 
     def _emit_shared(self, mode: str) -> None:
         sh, ips = self._shared, len(self._shared_ips)
         self._shared = None
         self._shared_ips = set()
-        if sh is not None and self.submit is not None:
+        if sh is not None:
             many = f"more than {ips}" if ips >= self.MAX_SHARED_IPS else str(ips)
-            self.submit((float(sh[0]), sh[3], sh[2], None, None, None, mode, None, 5, None, False, 0.0,
-                         f"rate-limited: {sh[1]} queries from {many} addresses (shared bucket)"))
+            self._row(sh[0], sh[3], sh[2], mode,
+                      f"rate-limited: {sh[1]} queries from {many} addresses (shared bucket)")
