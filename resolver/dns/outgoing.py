@@ -16,9 +16,13 @@ every query; dnsmasq keeps up to 64 random-port sockets and reuses each while it
 queries outstanding. Per query, the pool costs one ``send`` and one ``recv``.)
 
 A reply is handed to the query waiting on that socket under that ID only if it also echoes
-the question (``match``); anything else is ignored and the query keeps waiting (the caller
-owns the deadline). Each socket has one reader registered with the loop for its lifetime;
-one wake-up reads at most ``BURST`` datagrams so a flooded socket cannot starve the loop.
+the question (``match``); anything else is ignored and the query keeps waiting. Each socket
+has one reader registered with the loop for its lifetime; one wake-up reads at most ``BURST``
+datagrams so a flooded socket cannot starve the loop.
+
+The waiting side is a callback object (``Waiter``: ``reply(bytes)``, or ``fail(exc)`` at its
+deadline, on an ICMP error or when the pool closes), called from the socket's reader: a cache
+miss costs no task, future or timer of its own. ``exchange`` wraps that in a coroutine.
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ import errno
 import heapq
 import os
 import socket
+import sys
+import traceback
 from collections.abc import Callable
+from typing import Protocol
 
 HostPort = tuple[str, int]
 Match = Callable[[bytes, bytes, bytes, int], bool]
@@ -48,16 +55,69 @@ _RECV_MAX = 65535
 _SOFT_ERRORS = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
 
 
+class Waiter(Protocol):
+    """What waits for one reply: exactly one of these is called, once, from the event loop."""
+
+    def reply(self, reply: bytes) -> None: ...
+
+    def fail(self, exc: BaseException) -> None:
+        """TimeoutError (deadline), OSError (ICMP error), or CancelledError (the pool closed)."""
+
+
+class Entropy:
+    """os.urandom, drawn 4 KiB at a time: IDs and port choices without a syscall per miss.
+
+    getrandom(2) cost ~1.6 µs a call here, twice per miss. The bytes are the kernel's CSPRNG
+    output all the same, kept in memory until used (as arc4random keeps its keystream, which
+    unbound draws its IDs and ports from); a forked child starts with an empty buffer so
+    parent and child never hand out the same bytes.
+    """
+
+    __slots__ = ("buf", "pos")
+    CHUNK = 4096
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        pos = self.pos
+        end = pos + n
+        if end > len(self.buf):
+            self.buf = os.urandom(self.CHUNK)
+            pos, end = 0, n
+        self.pos = end
+        return self.buf[pos:end]
+
+    def reset(self) -> None:
+        self.buf = b""
+        self.pos = 0
+
+
+entropy = Entropy()
+os.register_at_fork(after_in_child=entropy.reset)
+
+
+def _call(fn: Callable, arg: object) -> None:
+    # A waiter's bug must not stop the reader (and the other waiters) it was called from.
+    try:
+        fn(arg)
+    except Exception:
+        traceback.print_exc(file=sys.stderr)
+
+
 class _Port:
     """One connected UDP socket and the queries waiting on it, by ID."""
 
-    __slots__ = ("sock", "fd", "pending", "uses", "born", "retired", "pool")
+    __slots__ = ("sock", "fd", "pending", "uses", "born", "retired", "pool", "serial")
 
-    def __init__(self, pool: PortPool, sock: socket.socket, now: float) -> None:
+    def __init__(self, pool: PortPool, sock: socket.socket, now: float, serial: int) -> None:
         self.pool = pool
         self.sock = sock
         self.fd = sock.fileno()
-        self.pending: dict[bytes, tuple[asyncio.Future, bytes, int]] = {}
+        self.serial = serial
+        # ID (as an int) -> (waiter, question, name length, deadline tick)
+        self.pending: dict[int, tuple[Waiter, bytes, int, int]] = {}
         self.uses = 0
         self.born = now
         self.retired = False
@@ -74,23 +134,43 @@ class _Port:
                 # An ICMP error on a connected socket (port unreachable, ...): it cannot say
                 # which query it was for, and it means this server is not answering here, so
                 # every query waiting on this socket moves on to the next server.
-                for fut, _q, _n in list(pending.values()):
-                    if not fut.done():
-                        fut.set_exception(OSError(exc.errno, exc.strerror))
+                waiting = list(pending.values())
                 pending.clear()
                 if exc.errno not in _SOFT_ERRORS:
                     pool.drop(self)
+                elif self.retired:
+                    self.close()
+                for waiter, _q, _n, _t in waiting:
+                    _call(waiter.fail, OSError(exc.errno, exc.strerror))
+                if self.fd < 0:
                     return
                 continue
             if n < 12 or not pending:
                 continue
-            waiter = pending.get(bytes(view[:2]))
-            if waiter is None:
+            qid = (buf[0] << 8) | buf[1]
+            waiting = pending.get(qid)
+            if waiting is None:
                 continue
-            fut, question, name_len = waiter
+            waiter, question, name_len, _tick = waiting
             reply = bytes(view[:n])
-            if match(reply, reply[:2], question, name_len) and not fut.done():
-                fut.set_result(reply)
+            if not match(reply, reply[:2], question, name_len):
+                continue
+            del pending[qid]
+            if self.retired and not pending:
+                self.close()
+            _call(waiter.reply, reply)
+            if self.fd < 0:  # closed: retired above, or by what the waiter did
+                return
+
+    def settle(self, qid: int, waiter: Waiter) -> bool:
+        """Forget ``waiter``'s query (answered elsewhere, timed out, cancelled); False if gone."""
+        waiting = self.pending.get(qid)
+        if waiting is None or waiting[0] is not waiter:
+            return False
+        del self.pending[qid]
+        if self.retired and not self.pending:
+            self.close()
+        return True
 
     def close(self) -> None:
         # The reader goes before the descriptor: a closed fd number is reused by the next
@@ -103,6 +183,7 @@ class _Port:
                 pass
         self.fd = -1
         self.sock.close()
+        self.pool.live.pop(self.serial, None)
 
 
 class PortPool:
@@ -119,7 +200,12 @@ class PortPool:
         self.retiring = False  # replaced by another pool: queries still failing over use one-off sockets
         self.closed = False
         self.opened = 0  # sockets opened over the pool's life (tests and the bench read it)
-        self._due: dict[int, list[asyncio.Future]] = {}  # tick -> queries whose deadline falls in it
+        # tick -> the queries due in it, as ints (socket serial << 16 | ID): an entry per query
+        # that lives until its deadline must not keep the waiter (or anything the garbage
+        # collector tracks) alive that long -- holding the waiters cost ~5% of a miss in GC.
+        self._due: dict[int, list[int]] = {}
+        self.live: dict[int, _Port] = {}  # serial -> open socket
+        self._serial = 0
         self._ticks: list[int] = []  # heap of the keys of _due
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_tick = 0
@@ -128,38 +214,45 @@ class PortPool:
         self.buf = bytearray(_RECV_MAX)
         self.view = memoryview(self.buf)
 
-    async def exchange(self, packet: bytes, question: bytes, name_len: int, deadline: float) -> bytes:
-        """Send ``packet`` (its first two bytes are the ID) and wait for the matching reply.
-
-        Raises TimeoutError at ``deadline`` (loop time), OSError once the pool is closed;
-        cancelling the wait forgets the query.
-        """
+    def send(self, packet: bytes, question: bytes, name_len: int, deadline: float, waiter: Waiter,
+             loop: asyncio.AbstractEventLoop) -> _Port:
+        """Send ``packet`` (its first two bytes are the ID); ``waiter`` hears of the matching
+        reply, or fails at ``deadline`` (loop time). Raises OSError when it cannot be sent
+        (nothing is registered then). Returns the socket it waits on (for ``forget``)."""
         if self.closed:
             raise OSError(errno.EBADF, "upstream socket pool is closed")
-        loop = asyncio.get_running_loop()
         if loop is not self.loop:
             self._close_ports()  # a new event loop (tests): sockets registered with the old one are useless
             self.loop = loop
-        qid = packet[:2]
+        qid = (packet[0] << 8) | packet[1]
         port = self._pick(qid, loop.time())
-        fut = loop.create_future()
-        port.pending[qid] = (fut, question, name_len)
+        try:
+            port.sock.send(packet)
+        except OSError:
+            if port.retired and not port.pending:
+                port.close()
+            raise
         tick = int(deadline / SWEEP_S) + 1
+        port.pending[qid] = (waiter, question, name_len, tick)
         due = self._due.get(tick)
         if due is None:
             due = self._due[tick] = []
             heapq.heappush(self._ticks, tick)
             if self._sweeper is None or tick < self._sweep_tick:
                 self._arm(loop, tick)
-        due.append(fut)
+        due.append((port.serial << 16) | qid)
+        return port
+
+    async def exchange(self, packet: bytes, question: bytes, name_len: int, deadline: float) -> bytes:
+        """``send`` as a coroutine: the reply, TimeoutError at ``deadline``, OSError once the
+        pool is closed; cancelling the wait forgets the query."""
+        loop = asyncio.get_running_loop()
+        waiter = _FutureWaiter(loop.create_future())
+        port = self.send(packet, question, name_len, deadline, waiter, loop)
         try:
-            port.sock.send(packet)
-            return await fut
+            return await waiter.fut
         finally:
-            if port.pending.get(qid, (None,))[0] is fut:
-                del port.pending[qid]
-            if port.retired and not port.pending:
-                port.close()
+            port.settle((packet[0] << 8) | packet[1], waiter)
 
     def _arm(self, loop: asyncio.AbstractEventLoop, tick: int) -> None:
         if self._sweeper is not None:
@@ -173,19 +266,28 @@ class PortPool:
         if loop is None or self.closed:
             return
         now = loop.time()
-        ticks, due = self._ticks, self._due
+        ticks, due, live = self._ticks, self._due, self.live
         while ticks and ticks[0] * SWEEP_S <= now + 0.001:  # timers may fire a hair early
-            for fut in due.pop(heapq.heappop(ticks)):
-                if not fut.done():  # answered and cancelled queries just leave here
-                    fut.set_exception(TimeoutError())
+            tick = heapq.heappop(ticks)
+            for key in due.pop(tick):
+                port = live.get(key >> 16)
+                if port is None:
+                    continue  # closed: its queries were failed then
+                qid = key & 0xFFFF
+                waiting = port.pending.get(qid)
+                # Answered and cancelled queries just leave here. The same ID on the same
+                # socket again is another query -- unless due in this very tick.
+                if waiting is not None and waiting[3] == tick:
+                    port.settle(qid, waiting[0])
+                    _call(waiting[0].fail, TimeoutError())
         if ticks:
             self._arm(loop, ticks[0])
 
-    def _pick(self, qid: bytes, now: float) -> _Port:
+    def _pick(self, qid: int, now: float) -> _Port:
         if self.retiring:
             return self._one_off(now)
         ports = self.ports
-        rnd = os.urandom(8)
+        rnd = entropy.take(8)
         for k in range(0, 8, 2):
             i = ((rnd[k] << 8) | rnd[k + 1]) % self.size
             port = ports[i]
@@ -217,7 +319,8 @@ class PortPool:
         except OSError:
             sock.close()
             raise
-        port = _Port(self, sock, now)
+        self._serial += 1
+        port = self.live[self._serial] = _Port(self, sock, now, self._serial)
         assert self.loop is not None
         self.loop.add_reader(port.fd, port.readable)
         self.opened += 1
@@ -253,19 +356,38 @@ class PortPool:
             self._sweeper = None
         self._due.clear()
         self._ticks.clear()
-        for i, port in enumerate(self.ports):
-            if port is not None:
-                for fut, _q, _n in port.pending.values():
-                    if not fut.done():
-                        fut.cancel()
-                port.close()
-                self.ports[i] = None
+        waiting = []
+        for port in list(self.live.values()):  # also the retired ones with queries left
+            waiting += port.pending.values()
+            port.pending.clear()
+            port.close()
+        self.ports = [None] * self.size
+        for waiter, _q, _n, _t in waiting:
+            _call(waiter.fail, asyncio.CancelledError())
 
     def source_ports(self) -> list[int]:
         return [p.sock.getsockname()[1] for p in self.ports if p is not None]
 
     def __del__(self) -> None:
         # Sockets must not outlive the pool unclosed (ResourceWarning); the loop may be gone.
-        for port in self.ports:
-            if port is not None and port.fd >= 0:
-                port.close()
+        for port in list(getattr(self, "live", {}).values()):
+            port.close()
+
+
+class _FutureWaiter:
+    __slots__ = ("fut",)
+
+    def __init__(self, fut: asyncio.Future) -> None:
+        self.fut = fut
+
+    def reply(self, reply: bytes) -> None:
+        if not self.fut.done():
+            self.fut.set_result(reply)
+
+    def fail(self, exc: BaseException) -> None:
+        if self.fut.done():
+            return
+        if isinstance(exc, asyncio.CancelledError):
+            self.fut.cancel()
+        else:
+            self.fut.set_exception(exc)
