@@ -5,6 +5,8 @@ cache entry, TTL age)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import dns.edns
 import dns.flags
 import dns.message
@@ -19,6 +21,7 @@ from resolver.dns import wire
 from resolver.dns.cache import Entry
 from resolver.dns.chain import Resolver
 from resolver.dns.clean import clean_reply
+from resolver.dns.miss import Pending
 from resolver.policy.config import parse_config
 
 CLIENT = "127.0.0.1"
@@ -39,11 +42,14 @@ def cache_answer(resolver: Resolver, q: dns.message.Message,
 
 
 def assert_miss(resolver: Resolver, packet: bytes) -> None:
-    """The query would go upstream: handle returned the coroutine that would fetch it."""
-    pending = resolver.handle(packet, CLIENT, "udp")
-    assert not isinstance(pending, bytes | None)
-    pending.close()
-    resolver.waiting -= 1
+    """The query went upstream: handle returned a Pending (cut off here, unanswered)."""
+    async def go() -> None:
+        pending = resolver.handle(packet, CLIENT, "udp")
+        assert isinstance(pending, Pending) and not pending.settled
+        resolver.cancel_pending()
+        assert pending.settled and pending.resp is None and resolver.waiting == 0
+
+    asyncio.run(go())
 
 
 def with_id(q: dns.message.Message, qid: int) -> dns.message.Message:

@@ -229,7 +229,7 @@ async def test_episode_is_announced_once_and_its_end_too(nameserver, capsys):
     cleaner = Cleaner()
 
     async def resolve() -> Cleaned:
-        return await up.resolve(question, len(name), 0, lambda raw: cleaner.clean(raw, question, len(name)))
+        return await up.resolve(question, len(name), 0, cleaner.clean)
 
     for _ in range(5):
         with pytest.raises(UpstreamError) as info:

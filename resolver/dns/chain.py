@@ -19,9 +19,9 @@ Why this order:
 
 ``Resolver.handle`` is synchronous for everything that can be answered
 locally (denials, cache hits, errors), which is what keeps the hot path near
-the cost of the kernel's own send/receive; only cache misses become a
-coroutine. It never raises: a bug in a step becomes SERVFAIL and a traceback
-on stderr.
+the cost of the kernel's own send/receive; a cache miss returns a ``Pending``
+that the socket pool's callbacks settle (``dns/miss.py``), no coroutine. It
+never raises: a bug in a step becomes SERVFAIL and a traceback on stderr.
 """
 
 from __future__ import annotations
@@ -30,14 +30,15 @@ import asyncio
 import sys
 import time
 import traceback
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 from resolver.core.errors import UpstreamError
 from resolver.core.model import Decision
 from resolver.dns import wire
 from resolver.dns.cache import STALE_TTL, AnswerCache, Entry
-from resolver.dns.clean import Cleaner
+from resolver.dns.clean import Cleaned, Cleaner
+from resolver.dns.miss import Fetch, Pending, inflight_limit
 from resolver.dns.ratelimit import LIMITED_SHARED, RateLimiter, RefusedCounter
 from resolver.dns.stats import UpstreamStats
 from resolver.dns.upstream import Upstream
@@ -45,7 +46,7 @@ from resolver.dns.views import ClientView, classify, named_networks
 from resolver.policy.config import Config
 
 Submit = Callable[[tuple], None]
-Handled = bytes | None | Coroutine[Any, Any, bytes | None]
+Handled = bytes | None | Pending
 
 # Never forwarded: 0 (reserved), OPT (41, a pseudo-type) and the meta/query types 128-254
 # (TKEY, TSIG, IXFR, AXFR, MAILB, MAILA, ...). ANY (255) gets the RFC 8482 answer instead.
@@ -58,11 +59,8 @@ _MAX_VIEWS = 65_536
 _MAX_FAST = 16_384
 _FAST_QUERY_MAX = 320  # a question with the longest name (255 octets) and an OPT fits
 _FAST_ANSWER_MAX = 640
-# Upstream exchanges in flight at once, and client queries waiting on them. Past these, new
-# misses get SERVFAIL at once instead of piling up tasks and memory behind a slow or dead
-# upstream (a flood of unique -- or identical -- names). UDP exchanges share the pooled
-# sockets (dns/outgoing.py); a TCP retry still holds a socket of its own, hence the fd bound.
-MAX_INFLIGHT = 4096
+# Client queries waiting on upstream at once: past this, new misses get SERVFAIL at once
+# instead of piling up memory behind a slow or dead upstream (see miss.inflight_limit).
 MAX_WAITING = 16_384
 # RFC 8767 5: after a failed refresh, answer stale at once for this long ("failure recheck").
 STALE_RECHECK_S = 30.0
@@ -73,19 +71,6 @@ _UPSTREAM_FAILED = {
         wire.EDE_NETWORK_ERROR if bad else wire.EDE_NO_REACHABLE_AUTHORITY,
         "dnsguard: upstream replies could not be parsed" if bad else "dnsguard: no upstream answered"))
     for bad in (False, True) for do in (0, 0x80)}
-
-
-def inflight_limit() -> int:
-    """Upstream sockets we may open: half the file descriptors we can have, at most MAX_INFLIGHT."""
-    try:
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    except (ImportError, OSError, ValueError):
-        return 256
-    if soft == resource.RLIM_INFINITY:
-        return MAX_INFLIGHT
-    return max(16, min(MAX_INFLIGHT, (soft - 256) // 2))
 
 
 class Resolver:
@@ -101,10 +86,10 @@ class Resolver:
         self.counts: dict[tuple, int] | None = None
         self.upstream_stats = UpstreamStats()
         self.cache = AnswerCache(config.cache.max_entries)
-        self._inflight: dict[bytes, asyncio.Future[Entry]] = {}
+        self._inflight: dict[bytes, Fetch] = {}  # one upstream resolution per key (serve-stale's too)
         self._stale_until: dict[bytes, float] = {}  # key -> answer stale without waiting until
         self.stale_answers = 0  # answered from an expired entry (for /metrics)
-        self._refreshes: dict[bytes, asyncio.Task] = {}  # at most one background refresh per key
+        self._drained: asyncio.Future | None = None  # set while shutdown waits for `waiting` to reach 0
         self.limiter: RateLimiter | None = None
         self.refused = RefusedCounter(submit)
         self.max_inflight = inflight_limit()
@@ -187,7 +172,7 @@ class Resolver:
     # -- the path ---------------------------------------------------------------------
 
     def handle(self, data: bytes, ip: str, transport: str) -> Handled:
-        """Answer one packet: bytes to send, None to stay silent, or a coroutine for a miss.
+        """Answer one packet: bytes to send, None to stay silent, or a Pending for a miss.
 
         One function on purpose: every call layer costs on the hot path.
         """
@@ -311,76 +296,115 @@ class Resolver:
         fast[(ip, data[2:])] = (entry, resp[2:], fields, age, key, note,
                                 (fields[2], fields[3], "udp", fields[5]))
 
-    async def _miss(self, data: bytes, ip: str, transport: str, t0: float, name_end: int, qend: int,
-                    qtype: int, udp_size: int, do: int, key: bytes, qname: bytes, view: ClientView,
-                    d: Decision) -> bytes | None:
+    def _miss(self, data: bytes, ip: str, transport: str, t0: float, name_end: int, qend: int, qtype: int,
+              udp_size: int, do: int, key: bytes, qname: bytes, view: ClientView, d: Decision) -> Handled:
+        """Ask upstream, or join the resolution of the same key under way."""
+        w = Pending(data, ip, transport, t0, name_end, qend, qtype, udp_size, do, key, qname, view, d)
+        fetch = self._inflight.get(key)
+        if fetch is not None:
+            fetch.waiters.append(w)
+            return w
+        if len(self._inflight) >= self.max_inflight:
+            busy = UpstreamError(f"overloaded: {self.max_inflight} upstream queries already in flight")
+            self._answer(w, None, busy)
+            return w.resp
+        fetch = self._inflight[key] = Fetch(self, key, qname + data[name_end:qend], len(qname), do)
+        fetch.waiters.append(w)
+        fetch.start()
+        return w.resp if w.settled else w  # every upstream failed at once: answered already
+
+    def _answer(self, w: Pending, entry: Entry | None, exc: BaseException | None) -> None:
+        """Answer a query whose miss is over: from ``entry``, or after ``exc``. Never raises."""
+        data, qend, udp_size, do, transport = w.data, w.qend, w.udp_size, w.do, w.transport
         note = None
         try:
-            entry = await self._fetch(key, qname + data[name_end:qend], len(qname), do)
-            now = time.monotonic()
-            if self.feeder is not None and entry.addrs:
-                self._feed(entry, qname, now)
-            resp = entry.response(data, qend, udp_size, do, now)
-            rcode, answers, note = entry.rcode, entry.answers_json, entry.note
-        except UpstreamError as exc:
-            if d.allowed and self.cache.stale_max:
-                stale = self._stale(data, ip, transport, t0, name_end, qend, qtype, udp_size, do, key, qname,
-                                    view, d, False)
-                if stale is not None:
-                    return stale
-            note = f"upstream: {exc}"
-            rcode, answers = wire.SERVFAIL, None
-            resp = wire.local_answer(data, qend, wire.SERVFAIL, udp_size, do,
-                                     _UPSTREAM_FAILED[exc.unparseable, do] if udp_size else None)
-        except asyncio.CancelledError:
-            # Shutdown cut this query off: it still gets its row.
-            self._log(t0, ip, transport, qname, qtype, d.verdict, view.mode, d.rule, None, None, False,
-                      "cancelled at shutdown")
-            raise
-        except Exception:
+            if entry is not None:
+                now = time.monotonic()
+                if self.feeder is not None and entry.addrs:
+                    self._feed(entry, w.qname, now)
+                resp = entry.response(data, qend, udp_size, do, now)
+                rcode, answers, note = entry.rcode, entry.answers_json, entry.note
+            elif isinstance(exc, UpstreamError):
+                if w.d.allowed and self.cache.stale_max:
+                    stale = self._stale(data, w.ip, transport, w.t0, w.name_end, qend, w.qtype, udp_size, do,
+                                        w.key, w.qname, w.view, w.d, False)
+                    if stale is not None:
+                        self._settle(w, stale)
+                        return
+                note = f"upstream: {exc}"
+                rcode, answers = wire.SERVFAIL, None
+                resp = wire.local_answer(data, qend, wire.SERVFAIL, udp_size, do,
+                                         _UPSTREAM_FAILED[exc.unparseable, do] if udp_size else None)
+            elif isinstance(exc, asyncio.CancelledError):
+                # Shutdown cut this query off: it still gets its row.
+                self._log(w.t0, w.ip, transport, w.qname, w.qtype, w.d.verdict, w.view.mode, w.d.rule, None,
+                          None, False, "cancelled at shutdown")
+                self._settle(w, None)
+                return
+            else:
+                traceback.print_exception(exc, file=sys.stderr)
+                note = "internal error"
+                rcode, answers = wire.SERVFAIL, None
+                resp = wire.local_answer(data, qend, wire.SERVFAIL, udp_size, do)
+            if transport == "udp" and len(resp) > (min(udp_size, wire.EDNS_PAYLOAD) if udp_size else 512):
+                resp = wire.truncated(resp, qend, udp_size, do)
+            d = w.d
+            self._log(w.t0, w.ip, transport, w.qname, w.qtype, d.verdict, w.view.mode, d.rule, rcode, answers,
+                      False, note)
+        except Exception:  # a bug must cost one answer, never the others waiting on this key
             traceback.print_exc(file=sys.stderr)
-            note = "internal error"
-            rcode, answers = wire.SERVFAIL, None
-            resp = wire.local_answer(data, qend, wire.SERVFAIL, udp_size, do)
-        finally:
-            self.waiting -= 1
-        if transport == "udp" and len(resp) > (min(udp_size, wire.EDNS_PAYLOAD) if udp_size else 512):
-            resp = wire.truncated(resp, qend, udp_size, do)
-        self._log(t0, ip, transport, qname, qtype, d.verdict, view.mode, d.rule, rcode, answers, False, note)
-        return resp
+            self._log(w.t0, w.ip, transport, None, None, None, "enforce", None, wire.SERVFAIL, None,
+                      False, "internal error")
+            resp = wire.error_answer(data, wire.SERVFAIL)
+        self._settle(w, resp)
 
-    async def _fetch(self, key: bytes, question: bytes, name_len: int, do: int) -> Entry:
-        """One upstream exchange per key at a time: concurrent misses share it."""
-        fut = self._inflight.get(key)
-        if fut is not None:
-            return await asyncio.shield(fut)
-        if len(self._inflight) >= self.max_inflight:
-            raise UpstreamError(f"overloaded: {self.max_inflight} upstream queries already in flight")
-        fut = asyncio.get_running_loop().create_future()
-        self._inflight[key] = fut
+    def _settle(self, w: Pending, resp: bytes | None) -> None:
+        self.waiting -= 1
+        drained = self._drained
+        if drained is not None and not self.waiting and not drained.done():
+            drained.set_result(None)
         try:
-            clean = self.cleaner.clean
-            cleaned = await self.upstream.resolve(question, name_len, do,
-                                                  lambda raw: clean(raw, question, name_len))
-            cache_cfg = self.config.cache
-            ttl = cleaned.cache_ttl
-            if ttl:
-                ttl = max(cache_cfg.min_ttl, min(ttl, cache_cfg.max_ttl))
-            entry = Entry(cleaned.rcode, cleaned.an, cleaned.ns, cleaned.ar, cleaned.body, cleaned.offsets,
-                          cleaned.ttls, ttl, time.monotonic(), cleaned.answers_json, cleaned.addrs,
-                          f"rebinding: stripped {', '.join(cleaned.stripped)}" if cleaned.stripped else None)
-            if ttl > 0:
-                self.cache.put(key, entry)
-            if self._stale_until:
-                self._stale_until.pop(key, None)
-            fut.set_result(entry)
-            return entry
-        except BaseException as exc:
-            fut.set_exception(exc)
-            fut.exception()  # mark retrieved: nobody else may be waiting
-            raise
+            w.settle(resp)
+        except Exception:  # the server's send: never into the socket pool's reader
+            traceback.print_exc(file=sys.stderr)
+
+    def _store(self, key: bytes, cleaned: Cleaned) -> Entry:
+        """Cache what upstream answered (within [cache] min/max TTL) and return its entry."""
+        cache_cfg = self.config.cache
+        ttl = cleaned.cache_ttl
+        if ttl:
+            ttl = max(cache_cfg.min_ttl, min(ttl, cache_cfg.max_ttl))
+        entry = Entry(cleaned.rcode, cleaned.an, cleaned.ns, cleaned.ar, cleaned.body, cleaned.offsets,
+                      cleaned.ttls, ttl, time.monotonic(), cleaned.answers_json, cleaned.addrs,
+                      f"rebinding: stripped {', '.join(cleaned.stripped)}" if cleaned.stripped else None)
+        if ttl > 0:
+            self.cache.put(key, entry)
+        if self._stale_until:
+            self._stale_until.pop(key, None)
+        return entry
+
+    @staticmethod
+    def _unanswered(exc: BaseException) -> None:
+        """A background refresh failed: still down is expected, a bug must not die unseen."""
+        if not isinstance(exc, UpstreamError | asyncio.CancelledError):
+            traceback.print_exception(exc, file=sys.stderr)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for every query waiting on upstream to be answered."""
+        if not self.waiting:
+            return
+        self._drained = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(self._drained, timeout)
+        except TimeoutError:
+            pass
         finally:
-            del self._inflight[key]
+            self._drained = None
+
+    def cancel_pending(self) -> None:
+        """Shutdown: the misses still under way are logged as cut off and get no answer."""
+        for fetch in list(self._inflight.values()):
+            fetch.cancel()
 
     def _stale(self, data: bytes, ip: str, transport: str, t0: float, name_end: int, qend: int, qtype: int,
                udp_size: int, do: int, key: bytes, qname: bytes, view: ClientView, d: Decision,
@@ -392,12 +416,10 @@ class Resolver:
             self._stale_until.pop(key, None)
             return None
         if refresh:
-            # Marked here, not when the task first runs: the next datagram may be handled before.
-            if key not in self._inflight and key not in self._refreshes:
-                task = asyncio.get_running_loop().create_task(
-                    self._refresh(key, qname + data[name_end:qend], len(qname), do))
-                self._refreshes[key] = task
-                task.add_done_callback(lambda _t, k=key: self._refreshes.pop(k, None))
+            # One refresh at a time per key, nobody waiting on it (a Fetch with no waiters).
+            if key not in self._inflight and len(self._inflight) < self.max_inflight:
+                fetch = self._inflight[key] = Fetch(self, key, qname + data[name_end:qend], len(qname), do)
+                fetch.start()
         else:  # every upstream just failed: answer stale at once for a while
             if len(self._stale_until) >= _MAX_STALE_KEYS:
                 self._stale_until.clear()
@@ -413,14 +435,6 @@ class Resolver:
         self._log(t0, ip, transport, qname, qtype, d.verdict, view.mode, d.rule, entry.rcode,
                   entry.answers_json, True, "stale")
         return resp
-
-    async def _refresh(self, key: bytes, question: bytes, name_len: int, do: int) -> None:
-        try:
-            await self._fetch(key, question, name_len, do)
-        except UpstreamError:
-            pass  # still down: the stale answer stands until the recheck window closes
-        except Exception:  # a refresh nobody waits for must not die unseen
-            traceback.print_exc(file=sys.stderr)
 
     def _feed(self, entry: Entry, qname: bytes, now: float, ttl: int | None = None) -> None:
         try:

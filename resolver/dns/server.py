@@ -93,11 +93,10 @@ def _grow_receive_buffer(sock: socket.socket | None) -> None:
 
 
 class UdpProtocol(asyncio.DatagramProtocol):
-    __slots__ = ("handle", "transport", "tasks", "sendto", "tap", "local")
+    __slots__ = ("handle", "transport", "sendto", "tap", "local")
 
-    def __init__(self, resolver: Resolver, tasks: set[asyncio.Task], tap: Tap | None = None) -> None:
+    def __init__(self, resolver: Resolver, tap: Tap | None = None) -> None:
         self.handle = resolver.handle
-        self.tasks = tasks
         self.tap = tap
         self.local: tuple = ()
         self.transport: asyncio.DatagramTransport | None = None
@@ -117,9 +116,11 @@ class UdpProtocol(asyncio.DatagramProtocol):
         if r.__class__ is bytes:
             self.sendto(r, addr)
             return
-        task = asyncio.get_running_loop().create_task(self._finish(r, addr))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        r.then(self._answer, addr)  # a miss: answered when upstream has
+
+    def _answer(self, resp: bytes | None, addr: tuple) -> None:
+        if resp is not None and self.transport is not None and not self.transport.is_closing():
+            self.sendto(resp, addr)
 
     def _tapped(self, data: bytes, addr: tuple) -> None:
         t_in = time.time()
@@ -129,16 +130,12 @@ class UdpProtocol(asyncio.DatagramProtocol):
                 self.sendto(r, addr)
             self.tap(("client", "udp", addr, self.local, data, r, t_in, time.time()))  # type: ignore[misc]
             return
-        task = asyncio.get_running_loop().create_task(self._finish(r, addr, data, t_in))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        r.then(self._tapped_answer, (addr, data, t_in))
 
-    async def _finish(self, coro: Any, addr: tuple, data: bytes = b"", t_in: float = 0.0) -> None:
-        resp = await coro
-        if resp is not None and self.transport is not None and not self.transport.is_closing():
-            self.sendto(resp, addr)
-        if t_in:
-            self.tap(("client", "udp", addr, self.local, data, resp, t_in, time.time()))  # type: ignore[misc]
+    def _tapped_answer(self, resp: bytes | None, arg: tuple) -> None:
+        addr, data, t_in = arg
+        self._answer(resp, addr)
+        self.tap(("client", "udp", addr, self.local, data, resp, t_in, time.time()))  # type: ignore[misc]
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors for earlier replies (client went away): nothing to do, keep serving.
@@ -226,9 +223,7 @@ class TcpProtocol(asyncio.Protocol):
                               time.time()))
             else:
                 self.pending += 1
-                task = asyncio.get_running_loop().create_task(self._finish(r, msg, t_in))
-                self.server.tasks.add(task)
-                task.add_done_callback(self.server.tasks.discard)
+                r.then(self._answered, (msg, t_in))
         # A frame trickled in a byte at a time must not keep the connection alive forever:
         # the idle deadline of a partial frame runs from its first byte.
         if buf:
@@ -238,9 +233,9 @@ class TcpProtocol(asyncio.Protocol):
             self.partial_since = None
         self._update_reading()
 
-    async def _finish(self, coro: Any, msg: bytes, t_in: float) -> None:
+    def _answered(self, resp: bytes | None, arg: tuple) -> None:
+        msg, t_in = arg
         try:
-            resp = await coro
             if resp is not None:
                 self._send(resp)
             if t_in:
@@ -275,7 +270,6 @@ class DnsServer:
         self.tap = tap
         self.announce = announce or (lambda line: print(line, file=sys.stderr, flush=True))
         self.on_reload = on_reload
-        self.tasks: set[asyncio.Task] = set()
         self.udp_transports: list[asyncio.DatagramTransport] = []
         self.tcp_servers: list[asyncio.base_events.Server] = []
         self.tcp_conns: set[TcpProtocol] = set()
@@ -326,7 +320,7 @@ class DnsServer:
                         {"sock": _freebind_socket(family, socket.SOCK_DGRAM, host, port)} if freebind
                         else {"local_addr": (host, port), "family": family})
                     udp_t, _ = await loop.create_datagram_endpoint(
-                        lambda: UdpProtocol(self.resolver, self.tasks, self.tap), **where)
+                        lambda: UdpProtocol(self.resolver, self.tap), **where)
                     real_port = udp_t.get_extra_info("sockname")[1]
                     _grow_receive_buffer(udp_t.get_extra_info("socket"))
                     where = ({"sock": _freebind_socket(family, socket.SOCK_STREAM, host, real_port)}
@@ -376,14 +370,10 @@ class DnsServer:
             s.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        # In-flight misses get a bounded moment to finish and be sent; stragglers are cancelled
-        # (and log themselves as such) before the lookup log is closed behind them.
-        if self.tasks:
-            _, late = await asyncio.wait(list(self.tasks), timeout=grace)
-            for task in late:
-                task.cancel()
-            if late:
-                await asyncio.wait(late, timeout=1.0)
+        # In-flight misses get a bounded moment to finish and be sent; stragglers are cut off
+        # (and logged as such) before the lookup log is closed behind them.
+        await self.resolver.drain(grace)
+        self.resolver.cancel_pending()
         for t in self.udp_transports:
             t.close()
         for conn in list(self.tcp_conns):

@@ -2,7 +2,7 @@
 
 Every upstream query is built afresh from the parsed question (the client's
 packet is never relayed, so nothing it smuggled in reaches upstream) with a
-random ID from ``os.urandom``, sent on a socket drawn at random from a pool of
+random ID from the kernel's CSPRNG (``outgoing.entropy``), sent on a socket drawn at random from a pool of
 sockets on random source ports that is re-randomised as it is used
 (``outgoing.PortPool``). A reply counts only if it comes from the server asked
 (connected socket), carries our ID, and echoes our question; anything else is
@@ -25,21 +25,22 @@ Replies are cleaned by ``clean.Cleaner`` (the caller's ``use``).
 from __future__ import annotations
 
 import asyncio
-import os
 import struct
 import sys
 import time
+import traceback
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from resolver.core.errors import UpstreamError
 from resolver.dns import wire
 from resolver.dns.clean import BadReply
-from resolver.dns.outgoing import PortPool
+from resolver.dns.outgoing import PortPool, entropy
 from resolver.dns.stats import UpstreamStats
 
 HostPort = tuple[str, int]
 T = TypeVar("T")
+Use = Callable[[bytes, bytes, int], T]  # (reply, question, name_len) -> result; raises BadReply
 _RETRY_RCODES = frozenset((wire.SERVFAIL, wire.REFUSED, wire.NOTIMP, wire.FORMERR))
 
 
@@ -70,11 +71,15 @@ class Upstream:
         self._names = {s: _fmt(s) for s in self.servers}
         self.broken: dict[HostPort, float] = {} if broken is None else broken
         self.pools = {server: PortPool(server, _matches) for server in self.servers}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task] = set()  # TCP retries under way
 
     def close(self) -> None:
         """Close the pooled sockets (queries still waiting on them are cancelled)."""
         for pool in self.pools.values():
             pool.close()
+        for task in list(self._tasks):
+            task.cancel()
 
     def retire(self) -> None:
         """Replaced by another Upstream: close each socket once its waiting queries are done."""
@@ -83,69 +88,38 @@ class Upstream:
 
     async def query(self, question: bytes, name_len: int, do: int) -> bytes:
         """Resolve ``question`` (lower-cased name + type + class); return the raw reply."""
-        return await self.resolve(question, name_len, do, bytes)
+        return await self.resolve(question, name_len, do, _raw)
 
-    async def resolve(self, question: bytes, name_len: int, do: int, use: Callable[[bytes], T]) -> T:
-        """Resolve ``question`` and return ``use(reply)``; a reply ``use`` rejects with
-        BadReply counts as that server failing, and the next one is asked."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
-        reasons = []
-        unparseable = False
-        for idx, server in enumerate(self.servers):
-            left = deadline - loop.time()
-            if left <= 0:
-                reasons.append(f"{_fmt(server)}: no time left")
-                break
-            # Share what is left between the servers not yet tried.
-            budget = left / (len(self.servers) - idx)
-            qid = os.urandom(2)
-            packet = wire.build_query(qid, question, do)
-            name = self._names[server]
-            tap = self.tap
-            clock = time.monotonic  # not loop.time(): uvloop's ticks in whole milliseconds
-            sent = clock()
-            proto = "udp"
-            reply = None
-            try:
-                # The pool keeps its own deadline (one timer, no timeout scope: this is per miss).
-                until = loop.time() + budget
-                reply = await self.pools[server].exchange(packet, question, name_len, until)
-                if reply[2] & 0x02:  # TC: the full answer only fits over TCP
-                    if tap is not None:
-                        self._tap(tap, server, proto, packet, reply, sent, clock())
-                    proto, sent, reply = "tcp", clock(), None
-                    async with asyncio.timeout_at(until):
-                        reply = await _tcp(server, packet, qid, question, name_len)
-            except TimeoutError:
-                self.stats.error(name, "timeout")
-                reasons.append(f"{name}: timeout")
-                continue
-            except (OSError, ValueError) as exc:
-                self.stats.error(name, "network" if isinstance(exc, OSError) else "malformed")
-                reasons.append(f"{name}: {exc.__class__.__name__}: {exc}")
-                continue
-            finally:
-                if tap is not None:
-                    self._tap(tap, server, proto, packet, reply, sent, clock())
-            self.stats.observe(name, clock() - sent)
-            rcode = reply[3] & 0x0F
-            if rcode in _RETRY_RCODES:
-                self.stats.error(name, "rcode")
-                reasons.append(f"{name}: rcode {rcode}")
-                continue
-            try:
-                result = use(reply)
-            except BadReply as exc:
-                self.stats.error(name, "malformed")
-                reasons.append(f"{name}: {exc}")
-                unparseable = True
-                self._episode(server, True)
-                continue
-            if self.broken:  # almost always empty: no loop.time() per miss
-                self._episode(server, False)
-            return result
-        raise UpstreamError("; ".join(reasons) or "no upstream answered", unparseable=unparseable)
+    async def resolve(self, question: bytes, name_len: int, do: int, use: Use[T]) -> T:
+        """``start`` as a coroutine: returns ``use(reply, question, name_len)``."""
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        def done(result: object, exc: BaseException | None) -> None:
+            if not fut.done():
+                fut.set_result(result) if exc is None else fut.set_exception(exc)
+
+        ask = self.start(question, name_len, do, use, done)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            ask.cancel()
+            raise
+
+    def start(self, question: bytes, name_len: int, do: int, use: Use[T],
+              done: Callable[[T | None, BaseException | None], None]) -> _Ask:
+        """Resolve ``question``: ``done(use(reply, question, name_len), None)`` for the first
+        reply ``use`` accepts, ``done(None, UpstreamError)`` once every server failed, or
+        ``done(None, exc)`` if ``use`` raised anything but BadReply or the exchange was
+        cancelled. ``done`` is called exactly once, from the event loop -- possibly before
+        this returns (every server failed at once). A reply ``use`` rejects with BadReply
+        counts as that server failing, and the next one is asked."""
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            # Once per loop: asyncio.get_running_loop() costs a getpid(2) on Python 3.11.
+            loop = self._loop = asyncio.get_running_loop()
+        ask = _Ask(self, loop, question, name_len, do, use, done)
+        ask.next()
+        return ask
 
     def _episode(self, server: HostPort, bad: bool) -> None:
         last = self.broken.get(server)
@@ -171,6 +145,161 @@ class Upstream:
         # The clock is monotonic; dnstap wants wall-clock seconds.
         off = time.time() - time.monotonic()
         tap(("fwd", server, proto, packet, reply, sent + off, received + off))
+
+
+class _Ask(Generic[T]):
+    """One resolution: the servers in order, each with a share of what is left of the
+    deadline, until one gives a reply ``use`` accepts. Driven by the socket pool's callbacks
+    (``reply``/``fail``): a UDP exchange costs no task, future or timer; only a TC retry
+    over TCP runs as a task."""
+
+    __slots__ = ("up", "loop", "question", "name_len", "do", "use", "done", "deadline", "idx", "reasons",
+                 "unparseable", "server", "name", "packet", "qid", "proto", "sent", "until", "port",
+                 "task", "finished")
+
+    def __init__(self, up: Upstream, loop: asyncio.AbstractEventLoop, question: bytes, name_len: int, do: int,
+                 use: Use[T], done: Callable[[T | None, BaseException | None], None]) -> None:
+        self.up, self.loop, self.question, self.name_len, self.do = up, loop, question, name_len, do
+        self.use, self.done = use, done
+        self.deadline = loop.time() + up.timeout
+        self.idx = 0
+        self.reasons: list[str] = []
+        self.unparseable = False
+        self.port = self.task = None
+        self.finished = False
+
+    def next(self) -> None:
+        """Ask the next server, or end with UpstreamError when none is left (or no time)."""
+        up, loop = self.up, self.loop
+        servers = up.servers
+        while self.idx < len(servers):
+            idx = self.idx
+            server = servers[idx]
+            now = loop.time()
+            left = self.deadline - now
+            if left <= 0:
+                self.reasons.append(f"{up._names[server]}: no time left")
+                break
+            self.idx = idx + 1
+            # Share what is left between the servers not yet tried.
+            self.until = until = now + left / (len(servers) - idx)
+            self.qid = qid = entropy.take(2)
+            self.packet = packet = wire.build_query(qid, self.question, self.do)
+            self.server, self.name, self.proto = server, up._names[server], "udp"
+            self.sent = time.monotonic()  # not loop.time(): uvloop's ticks in whole milliseconds
+            try:
+                # The pool keeps the deadline (one timer per pool, none per miss).
+                self.port = up.pools[server].send(packet, self.question, self.name_len, until, self, loop)
+                return
+            except OSError as exc:
+                self._failed(None, "network", f"{exc.__class__.__name__}: {exc}")
+        self._finish(None, UpstreamError("; ".join(self.reasons) or "no upstream answered",
+                                         unparseable=self.unparseable))
+
+    def reply(self, reply: bytes) -> None:
+        self.port = None
+        if reply[2] & 0x02:  # TC: the full answer only fits over TCP
+            self._tap(reply)
+            self.proto, self.sent = "tcp", time.monotonic()
+            task = self.task = self.loop.create_task(self._tcp())
+            self.up._tasks.add(task)
+            task.add_done_callback(self.up._tasks.discard)
+            return
+        self._answered(reply)
+
+    def fail(self, exc: BaseException) -> None:
+        self.port = None
+        if isinstance(exc, asyncio.CancelledError):
+            self._tap(None)
+            self._finish(None, exc)
+        elif isinstance(exc, TimeoutError):
+            self._failed(None, "timeout", "timeout")
+            self.next()
+        else:
+            self._failed(None, "network" if isinstance(exc, OSError) else "malformed",
+                         f"{exc.__class__.__name__}: {exc}")
+            self.next()
+
+    def cancel(self) -> None:
+        """Stop waiting (the caller went away): no ``done`` call follows."""
+        self.finished = True
+        self.done = _nothing
+        port, self.port = self.port, None
+        if port is not None:
+            port.settle((self.qid[0] << 8) | self.qid[1], self)
+        if self.task is not None:
+            self.task.cancel()
+
+    async def _tcp(self) -> None:
+        try:
+            async with asyncio.timeout_at(self.until):
+                reply = await _tcp(self.server, self.packet, self.qid, self.question, self.name_len)
+        except asyncio.CancelledError:
+            if not self.finished:
+                self.fail(asyncio.CancelledError())
+            raise
+        except Exception as exc:  # TimeoutError, OSError, ValueError (closed early)
+            self.task = None
+            if not self.finished:
+                self.fail(exc)
+            return
+        self.task = None
+        if not self.finished:
+            self._answered(reply)
+
+    def _answered(self, reply: bytes) -> None:
+        up, name = self.up, self.name
+        self._tap(reply)
+        up.stats.observe(name, time.monotonic() - self.sent)
+        rcode = reply[3] & 0x0F
+        if rcode in _RETRY_RCODES:
+            up.stats.error(name, "rcode")
+            self.reasons.append(f"{name}: rcode {rcode}")
+            self.next()
+            return
+        try:
+            result = self.use(reply, self.question, self.name_len)
+        except BadReply as exc:
+            up.stats.error(name, "malformed")
+            self.reasons.append(f"{name}: {exc}")
+            self.unparseable = True
+            up._episode(self.server, True)
+            self.next()
+            return
+        except Exception as exc:  # a bug in ``use``: the caller answers SERVFAIL and says why
+            self._finish(None, exc)
+            return
+        if up.broken:  # almost always empty: no loop.time() per miss
+            up._episode(self.server, False)
+        self._finish(result, None)
+
+    def _failed(self, reply: bytes | None, kind: str, why: str) -> None:
+        self._tap(reply)
+        self.up.stats.error(self.name, kind)
+        self.reasons.append(f"{self.name}: {why}")
+
+    def _tap(self, reply: bytes | None) -> None:
+        tap = self.up.tap
+        if tap is not None:
+            Upstream._tap(tap, self.server, self.proto, self.packet, reply, self.sent, time.monotonic())
+
+    def _finish(self, result: T | None, exc: BaseException | None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        done, self.done = self.done, _nothing  # no cycle left through the caller's callback
+        try:
+            done(result, exc)
+        except Exception:  # never into the socket pool's reader
+            traceback.print_exc(file=sys.stderr)
+
+
+def _nothing(result: object, exc: BaseException | None) -> None:
+    pass
+
+
+def _raw(reply: bytes, question: bytes, name_len: int) -> bytes:
+    return reply
 
 
 def _fmt(server: HostPort) -> str:
