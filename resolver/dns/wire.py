@@ -195,7 +195,8 @@ PLAIN_OPT.update({do: opt_record(do) for do in (0, 0x80)})
 
 def build_query(qid: bytes, question: bytes, do: int) -> bytes:
     """A fresh upstream query: our own ID, RD=1, the question, EDNS with DO as asked."""
-    return qid + b"\x01\x00" + _QD1_AR1 + question + opt_record(do)
+    opt = PLAIN_OPT.get(do)  # built once per DO bit, not per miss
+    return qid + b"\x01\x00" + _QD1_AR1 + question + (opt if opt is not None else opt_record(do))
 
 
 # ---------------------------------------------------------------- reading answers
