@@ -302,8 +302,10 @@ class Resolver:
         w = Pending(data, ip, transport, t0, name_end, qend, qtype, udp_size, do, key, qname, view, d)
         fetch = self._inflight.get(key)
         if fetch is not None:
-            fetch.waiters.append(w)
-            return w
+            if not fetch.orphaned():
+                fetch.waiters.append(w)
+                return w
+            fetch.cancel()  # its event loop is gone: its queries are logged as cut off
         if len(self._inflight) >= self.max_inflight:
             busy = UpstreamError(f"overloaded: {self.max_inflight} upstream queries already in flight")
             self._answer(w, None, busy)

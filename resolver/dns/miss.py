@@ -63,7 +63,10 @@ class Pending:
         self.settled = False
 
     def then(self, fn: Then, arg: Any) -> None:
-        """Call ``fn(answer, arg)`` once the answer is known (now, if it already is)."""
+        """Call ``fn(answer, arg)`` once the answer is known (now, if it already is). One
+        consumer: a second would silently replace the first, which would then never hear."""
+        if self.fn is not None:
+            raise RuntimeError("this query's answer already has a consumer")
         if self.settled:
             fn(self.resp, arg)
         else:
@@ -99,20 +102,36 @@ class Fetch:
     came back (``_store``) and answers each waiting query (``_answer``).
     """
 
-    __slots__ = ("resolver", "key", "question", "name_len", "do", "waiters", "ask")
+    __slots__ = ("resolver", "key", "question", "name_len", "do", "waiters", "ask", "over")
 
     def __init__(self, resolver: Any, key: bytes, question: bytes, name_len: int, do: int) -> None:
         self.resolver = resolver
         self.key, self.question, self.name_len, self.do = key, question, name_len, do
         self.waiters: list[Pending] = []
         self.ask: _Ask | None = None
+        self.over = False
 
     def start(self) -> None:
         """Ask upstream. Every server may fail at once: then ``done`` has run when this returns."""
         r = self.resolver
-        self.ask = r.upstream.start(self.question, self.name_len, self.do, r.cleaner.clean, self.done)
+        try:
+            ask = r.upstream.start(self.question, self.name_len, self.do, r.cleaner.clean, self.done)
+        except Exception as bug:  # e.g. no running loop: the waiting queries still get answers
+            self.done(None, bug)
+            return
+        if not self.over:
+            self.ask = ask
+
+    def orphaned(self) -> bool:
+        """Whether this resolution's event loop has stopped under it (tests and scripts that
+        end a loop without ``Resolver.cancel_pending``): nobody will ever complete it."""
+        ask = self.ask
+        return ask is not None and not ask.loop.is_running()
 
     def done(self, cleaned: Cleaned | None, exc: BaseException | None) -> None:
+        if self.over:
+            return
+        self.over = True
         # The exchange holds this method and this holds the exchange: break the cycle now, or
         # each miss would wait for the cyclic garbage collector (13% of the CPU when it did).
         self.ask = None
@@ -130,7 +149,8 @@ class Fetch:
             if exc is not None:
                 r._unanswered(exc)
             return
-        for w in self.waiters:
+        waiters, self.waiters = self.waiters, []
+        for w in waiters:
             r._answer(w, entry, exc)
 
     def cancel(self) -> None:

@@ -118,7 +118,7 @@ class Upstream:
             # Once per loop: asyncio.get_running_loop() costs a getpid(2) on Python 3.11.
             loop = self._loop = asyncio.get_running_loop()
         ask = _Ask(self, loop, question, name_len, do, use, done)
-        ask.next()
+        ask.guarded(ask.next)
         return ask
 
     def _episode(self, server: HostPort, bad: bool) -> None:
@@ -196,7 +196,24 @@ class _Ask(Generic[T]):
         self._finish(None, UpstreamError("; ".join(self.reasons) or "no upstream answered",
                                          unparseable=self.unparseable))
 
+    def guarded(self, step: Callable[..., None], *args: object) -> None:
+        """Run one step; a bug in it ends this resolution (``done`` hears of it) instead of
+        leaving the caller waiting for a ``done`` that never comes."""
+        try:
+            step(*args)
+        except Exception as exc:
+            done = self.done
+            self.cancel()  # forget whatever exchange the step may have left registered
+            self.done = done
+            self._finish(None, exc, force=True)
+
     def reply(self, reply: bytes) -> None:
+        self.guarded(self._reply, reply)
+
+    def fail(self, exc: BaseException) -> None:
+        self.guarded(self._fail, exc)
+
+    def _reply(self, reply: bytes) -> None:
         self.port = None
         if reply[2] & 0x02:  # TC: the full answer only fits over TCP
             self._tap(reply)
@@ -207,7 +224,7 @@ class _Ask(Generic[T]):
             return
         self._answered(reply)
 
-    def fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException) -> None:
         self.port = None
         if isinstance(exc, asyncio.CancelledError):
             self._tap(None)
@@ -222,13 +239,16 @@ class _Ask(Generic[T]):
 
     def cancel(self) -> None:
         """Stop waiting (the caller went away): no ``done`` call follows."""
-        self.finished = True
+        finished, self.finished = self.finished, True
         self.done = _nothing
         port, self.port = self.port, None
+        task, self.task = self.task, None
         if port is not None:
             port.settle((self.qid[0] << 8) | self.qid[1], self)
-        if self.task is not None:
-            self.task.cancel()
+        if task is not None:
+            task.cancel()
+        if not finished and (port is not None or task is not None):
+            self._tap(None)  # the exchange under way ends here, unanswered
 
     async def _tcp(self) -> None:
         try:
@@ -236,16 +256,17 @@ class _Ask(Generic[T]):
                 reply = await _tcp(self.server, self.packet, self.qid, self.question, self.name_len)
         except asyncio.CancelledError:
             if not self.finished:
+                self.task = None
                 self.fail(asyncio.CancelledError())
             raise
         except Exception as exc:  # TimeoutError, OSError, ValueError (closed early)
-            self.task = None
             if not self.finished:
+                self.task = None
                 self.fail(exc)
             return
-        self.task = None
         if not self.finished:
-            self._answered(reply)
+            self.task = None
+            self.guarded(self._answered, reply)
 
     def _answered(self, reply: bytes) -> None:
         up, name = self.up, self.name
@@ -283,8 +304,8 @@ class _Ask(Generic[T]):
         if tap is not None:
             Upstream._tap(tap, self.server, self.proto, self.packet, reply, self.sent, time.monotonic())
 
-    def _finish(self, result: T | None, exc: BaseException | None) -> None:
-        if self.finished:
+    def _finish(self, result: T | None, exc: BaseException | None, force: bool = False) -> None:
+        if self.finished and not force:
             return
         self.finished = True
         done, self.done = self.done, _nothing  # no cycle left through the caller's callback
