@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import threading
 
 import dns.message
 import dns.name
+import dns.rrset
 import pytest
 from nameserver import POISON_ADDRESS, big_a_rrset_records
 
 from resolver.core.errors import UpstreamError
 from resolver.dns import wire
 from resolver.dns.clean import Cleaner
-from resolver.dns.upstream import Upstream
+from resolver.dns.tcpconn import TcpUpstream
+from resolver.dns.upstream import Upstream, _matches
 
 RECORDS = {"www.up.test.": {"A": "192.0.2.10"}}
 
@@ -49,9 +52,125 @@ async def test_spoofed_reply_with_wrong_id_is_ignored(nameserver):
 async def test_truncated_udp_reply_is_retried_over_tcp(nameserver):
     ns = nameserver("truncate", big_a_rrset_records("big.up.test.", 300))
     q, n = question("big.up.test.")
-    reply = await Upstream((("127.0.0.1", ns.port),), 2.0).query(q, n, 0)
-    assert len(addresses(reply)) == 300
-    assert (ns.udp_count, ns.tcp_count) == (1, 1)
+    up = Upstream((("127.0.0.1", ns.port),), 2.0)
+    try:
+        reply = await up.query(q, n, 0)
+        assert len(addresses(reply)) == 300
+        assert (ns.udp_count, ns.tcp_count) == (1, 1)
+    finally:
+        up.close()
+
+
+async def test_tc_retries_are_pipelined_on_one_reused_connection(nameserver):
+    ns = nameserver("truncate", {**big_a_rrset_records("a.up.test.", 300),
+                                 **big_a_rrset_records("b.up.test.", 200)})
+    server = ("127.0.0.1", ns.port)
+    up = Upstream((server,), 5.0)
+    try:
+        names = ["a.up.test.", "b.up.test.", "a.up.test.", "b.up.test."]
+        replies = await asyncio.gather(*(up.query(*question(name), 0) for name in names))
+        assert [len(addresses(r)) for r in replies] == [300, 200, 300, 200]
+        again = await up.query(*question("a.up.test."), 0)  # later: the same connection still
+        assert len(addresses(again)) == 300
+        assert (ns.udp_count, ns.tcp_count, ns.tcp_connections) == (5, 5, 1)
+        assert up.tcp[server].opened == 1
+    finally:
+        up.close()
+
+
+async def test_an_idle_tcp_connection_is_closed_and_the_next_retry_opens_another(nameserver):
+    ns = nameserver("truncate", big_a_rrset_records("big.up.test.", 300))
+    server = ("127.0.0.1", ns.port)
+    up = Upstream((server,), 5.0)
+    up.tcp[server].idle_s = 0.05
+    try:
+        assert len(addresses(await up.query(*question("big.up.test."), 0))) == 300
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while up.tcp[server].conn is not None:  # closed by us after idle_s with nothing waiting
+            assert loop.time() < deadline, "the idle connection was never closed"
+            await asyncio.sleep(0.01)
+        assert len(addresses(await up.query(*question("big.up.test."), 0))) == 300
+        assert ns.tcp_connections == 2 and up.tcp[server].opened == 2
+    finally:
+        up.close()
+
+
+class ClosingTcpServer:
+    """A TCP DNS server that answers ``answers`` queries on its first connection and then
+    closes it when the next query arrives (a server timing out a connection just as a query
+    left); every later connection answers everything."""
+
+    def __init__(self, answers: int) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(5.0)
+        self.port = self.sock.getsockname()[1]
+        self.answers = answers
+        self.connections = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        for conn_no in range(3):  # bounded: a test needs two at most
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                conn.settimeout(5.0)
+                served = 0
+                while True:
+                    try:
+                        size = struct.unpack(">H", _recv_exact(conn, 2))[0]
+                        query = dns.message.from_wire(_recv_exact(conn, size))
+                    except (OSError, EOFError, struct.error):
+                        break
+                    if conn_no == 0 and served == self.answers:
+                        break  # closes without answering
+                    reply = dns.message.make_response(query)
+                    name = query.question[0].name
+                    reply.answer.append(dns.rrset.from_text(name, 60, "IN", "A", "192.0.2.77"))
+                    wire_reply = reply.to_wire()
+                    conn.sendall(struct.pack(">H", len(wire_reply)) + wire_reply)
+                    served += 1
+
+    def close(self) -> None:
+        self.sock.close()
+        self.thread.join(5)
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("answers", [1, 0])
+async def test_a_query_on_a_connection_the_server_closed_is_asked_again_only_if_it_had_served(answers):
+    srv = ClosingTcpServer(answers)
+    tcp = TcpUpstream(("127.0.0.1", srv.port), _matches)
+    try:
+        for i in range(answers):
+            q, n = question(f"first{i}.up.test.")
+            first = tcp.exchange(wire.build_query(b"\x00\x01", q, 0), q, n)
+            assert addresses(await asyncio.wait_for(first, 5)) == ["192.0.2.77"]
+        q, n = question("second.up.test.")
+        ask = tcp.exchange(wire.build_query(b"\x00\x02", q, 0), q, n)
+        if answers:  # a connection that had served: the query goes again on a fresh one
+            assert addresses(await asyncio.wait_for(ask, 5)) == ["192.0.2.77"]
+            assert (srv.connections, tcp.opened) == (2, 2)
+        else:  # closed before it ever answered: that is this server failing, no second try
+            with pytest.raises(OSError):
+                await asyncio.wait_for(ask, 5)
+            assert (srv.connections, tcp.opened) == (1, 1)
+    finally:
+        tcp.close()
+        srv.close()
 
 
 async def test_failover_after_servfail_and_after_silence(nameserver):

@@ -10,7 +10,8 @@ ignored while we keep waiting, so a spoofed packet cannot end the wait early.
 
 Failover: servers are tried in order, each with a share of the overall
 deadline; a timeout, ICMP refusal, SERVFAIL, REFUSED or an unparseable reply
-moves on. A truncated UDP reply is asked again over TCP. When all fail the
+moves on. A truncated UDP reply is asked again over TCP, on a connection to that
+server kept for such retries (``tcpconn``, RFC 7766). When all fail the
 caller gets UpstreamError and answers SERVFAIL -- never a hang.
 
 Hostile or broken upstreams: a reply that does not match our ID, question and
@@ -25,7 +26,6 @@ Replies are cleaned by ``clean.Cleaner`` (the caller's ``use``).
 from __future__ import annotations
 
 import asyncio
-import struct
 import sys
 import time
 import traceback
@@ -37,6 +37,7 @@ from resolver.dns import wire
 from resolver.dns.clean import BadReply
 from resolver.dns.outgoing import PortPool, entropy
 from resolver.dns.stats import UpstreamStats
+from resolver.dns.tcpconn import TcpUpstream
 
 HostPort = tuple[str, int]
 T = TypeVar("T")
@@ -71,6 +72,7 @@ class Upstream:
         self._names = {s: _fmt(s) for s in self.servers}
         self.broken: dict[HostPort, float] = {} if broken is None else broken
         self.pools = {server: PortPool(server, _matches) for server in self.servers}
+        self.tcp = {server: TcpUpstream(server, _matches) for server in self.servers}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task] = set()  # TCP retries under way
 
@@ -80,11 +82,17 @@ class Upstream:
             pool.close()
         for task in list(self._tasks):
             task.cancel()
+        for tcp in self.tcp.values():
+            tcp.close()
 
     def retire(self) -> None:
         """Replaced by another Upstream: close each socket once its waiting queries are done."""
         for pool in self.pools.values():
             pool.retire()
+        for tcp in self.tcp.values():
+            tcp.idle_s = 0.0  # a connection closes as soon as nothing waits on it
+            if tcp.conn is not None and not tcp.conn.pending:
+                tcp.close()
 
     async def query(self, question: bytes, name_len: int, do: int) -> bytes:
         """Resolve ``question`` (lower-cased name + type + class); return the raw reply."""
@@ -253,7 +261,7 @@ class _Ask(Generic[T]):
     async def _tcp(self) -> None:
         try:
             async with asyncio.timeout_at(self.until):
-                reply = await _tcp(self.server, self.packet, self.qid, self.question, self.name_len)
+                reply = await self.up.tcp[self.server].exchange(self.packet, self.question, self.name_len)
         except asyncio.CancelledError:
             if not self.finished:
                 self.task = None
@@ -334,19 +342,3 @@ def _matches(reply: bytes, qid: bytes, question: bytes, name_len: int) -> bool:
             and reply[4:6] == b"\x00\x01"
             and reply[12:12 + name_len].lower() == question[:name_len]
             and reply[12 + name_len:qend] == question[name_len:])
-
-
-async def _tcp(server: HostPort, packet: bytes, qid: bytes, question: bytes, name_len: int) -> bytes:
-    reader, writer = await asyncio.open_connection(server[0], server[1])
-    try:
-        writer.write(struct.pack(">H", len(packet)) + packet)
-        await writer.drain()
-        while True:  # bounded by the caller's timeout
-            size = struct.unpack(">H", await reader.readexactly(2))[0]
-            reply = await reader.readexactly(size)
-            if _matches(reply, qid, question, name_len):
-                return reply
-    except asyncio.IncompleteReadError:
-        raise ValueError("upstream closed the TCP connection early") from None
-    finally:
-        writer.close()
