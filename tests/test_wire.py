@@ -255,3 +255,11 @@ def test_clean_reply_negative_ttl_from_soa():
     question = q.question[0].name.to_wire() + struct.pack(">HH", 1, 1)
     c = clean_reply(r.to_wire(), question)
     assert c.rcode == dns.rcode.NXDOMAIN and c.ns == 1 and c.cache_ttl == 120
+
+
+def test_tcp_frames_takes_whole_messages_and_leaves_a_partial_one():
+    buf = bytearray(b"\x00\x03abc" + b"\x00\x00" + b"\x00\x05xy")
+    assert list(wire.tcp_frames(buf)) == [b"abc", b""]
+    assert buf == bytearray(b"\x00\x05xy")  # waits for the rest of its five bytes
+    buf += b"zuv\x00"
+    assert list(wire.tcp_frames(buf)) == [b"xyzuv"] and buf == bytearray(b"\x00")

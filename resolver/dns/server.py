@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from resolver.dns import wire
 from resolver.dns.chain import Resolver
 from resolver.policy.config import Config, HostPort
 
@@ -207,12 +208,7 @@ class TcpProtocol(asyncio.Protocol):
         self.last_active = now
         buf = self.buf
         buf += data
-        while len(buf) >= 2:
-            size = (buf[0] << 8) | buf[1]
-            if len(buf) < 2 + size:
-                break
-            msg = bytes(buf[2:2 + size])
-            del buf[:2 + size]
+        for msg in wire.tcp_frames(buf):
             t_in = time.time() if self.tap is not None else 0.0
             r = self.handle(msg, self.peer, "tcp")
             if r is None or r.__class__ is bytes:

@@ -20,6 +20,8 @@ import asyncio
 import struct
 from collections.abc import Callable
 
+from resolver.dns import wire
+
 HostPort = tuple[str, int]
 Match = Callable[[bytes, bytes, bytes, int], bool]
 
@@ -52,14 +54,8 @@ class _Conn(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        while len(buf) >= 2:
-            size = (buf[0] << 8) | buf[1]
-            if len(buf) < 2 + size:
-                break
-            reply = bytes(buf[2:2 + size])
-            del buf[:2 + size]
+        self.buf += data
+        for reply in wire.tcp_frames(self.buf):
             waiting = self.pending.get(reply[:2]) if len(reply) >= 12 else None
             if waiting is None:
                 continue

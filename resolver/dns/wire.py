@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Iterator
 
 # RCODEs
 NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
@@ -197,6 +198,18 @@ def build_query(qid: bytes, question: bytes, do: int) -> bytes:
     """A fresh upstream query: our own ID, RD=1, the question, EDNS with DO as asked."""
     opt = PLAIN_OPT.get(do)  # built once per DO bit, not per miss
     return qid + b"\x01\x00" + _QD1_AR1 + question + (opt if opt is not None else opt_record(do))
+
+
+def tcp_frames(buf: bytearray) -> Iterator[bytes]:
+    """The complete DNS-over-TCP messages (a two-byte length, then the message: RFC 1035
+    4.2.2) at the front of ``buf``, each removed as it is taken; a partial one stays."""
+    while len(buf) >= 2:
+        size = (buf[0] << 8) | buf[1]
+        if len(buf) < 2 + size:
+            return
+        msg = bytes(buf[2:2 + size])
+        del buf[:2 + size]
+        yield msg
 
 
 # ---------------------------------------------------------------- reading answers
