@@ -31,19 +31,28 @@ def test_tcp_client_that_never_reads_cannot_grow_the_server(dnsguard, dnsmasq):
     with socket.create_connection(("127.0.0.1", g.port), timeout=3) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s.setblocking(False)
-        deadline = time.monotonic() + 20
-        blocked_since = None
-        # Keep sending until the server has stopped reading for a while (our send blocks).
+        start = time.monotonic()
+        deadline = start + 20
+        stalled = False
+        window_start, window_sent = start, 0
+        # Keep sending until the server has stopped reading: a whole second in which (almost)
+        # nothing more gets through. Not "not one byte" as before: that stricter check failed in
+        # two full-suite runs and never alone. The likely cause is the kernel opening a full
+        # receive window by a little now and then (compacting the queue); the server reading
+        # would be megabytes a second.
         while time.monotonic() < deadline and sent < 200_000_000:
             try:
                 sent += s.send(burst)
-                blocked_since = None
             except BlockingIOError:
-                blocked_since = blocked_since or time.monotonic()
-                if time.monotonic() - blocked_since > 1.0:
-                    break
                 time.sleep(0.01)
-        assert blocked_since is not None, "the server kept reading although nobody read its answers"
+            now = time.monotonic()
+            if now - window_start >= 1.0:
+                if sent - window_sent < 64 * 1024:
+                    stalled = True
+                    break
+                window_start, window_sent = now, sent
+        assert stalled, (f"the server kept reading although nobody read its answers: {sent} bytes "
+                         f"in {time.monotonic() - start:.1f} s")
         # Far less than what was sent is buffered: a few MB of kernel buffers at most.
         assert sent < 50_000_000, sent
         grown = rss_kib(g.proc.pid) - before
