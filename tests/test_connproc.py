@@ -8,13 +8,17 @@ tests/test_connections_netns.py.
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
 from pathlib import Path
 
 import pytest
 from sqlite_utils import Database
 
+from resolver.core.logdb import ensure_connections_table
 from resolver.fence.connproc import ConnRecorderProcess, _Control
+from resolver.fence.connrec import ConnRecorder
+from resolver.fence.conntrack import MARK_ALLOWED, CtEntry
 from resolver.log import report as rpt
 
 
@@ -107,3 +111,24 @@ def test_lost_notes_are_counted_into_the_log_and_reported(tmp_path: Path, pipe) 
         assert parent.lost_notes == lost + 1
     finally:
         os.close(gone_w)
+
+
+def test_a_flow_whose_name_came_after_its_first_event_gets_it_when_written_again(tmp_path: Path) -> None:
+    # The name's note (the server's pipe) and the connection's first event (conntrack) are read
+    # in either order by the recorder process: an unnamed row must not stay unnamed.
+    names: dict[str, str] = {}
+    db_path = tmp_path / "log.db"
+    rec = ConnRecorder(str(db_path), name_of=names.get)
+    db = sqlite3.connect(db_path)
+    ensure_connections_table(db)
+    new = CtEntry("new", 7, socket.AF_INET6, 6, "2001:db8:a::2", "2001:db8:b::443", 40000, 443, MARK_ALLOWED)
+    rec._event(new, 1000.0)
+    rec._flush(db)
+    assert db.execute("SELECT name FROM connections").fetchall() == [(None,)]
+    names["2001:db8:b::443"] = "late.example"  # the note arrives
+    rec._event(CtEntry("destroy", 7, socket.AF_INET6, 6, "2001:db8:a::2", "2001:db8:b::443", 40000, 443,
+                       MARK_ALLOWED, bytes_out=100, packets_out=1, bytes_in=50, packets_in=1), 1001.0)
+    rec._flush(db)
+    assert db.execute("SELECT name, end_ts, bytes_out FROM connections").fetchall() == [
+        ("late.example", 1001.0, 100)]
+    db.close()

@@ -5,7 +5,8 @@ The fence's rules connmark what they let through (``MARK_ALLOWED``; ``MARK_AUDIT
 (``serve`` runs it in a process of its own: ``resolver.fence.connproc``) and keeps one row per
 entry:
 
-* a NEW event inserts the row (``end_ts`` NULL: open);
+* a NEW event inserts the row (``end_ts`` NULL: open); an unnamed row takes its name when
+  written again, if the name's note (another pipe) came after the event;
 * a TCP state change to TIME_WAIT or CLOSE (FIN from both sides, or RST) closes it: a GET
   for that entry a moment later (``close_delay``, so the last ACK is counted) reads its
   counters, and ``end_ts`` and those counters are written together -- long before the
@@ -22,10 +23,9 @@ entry is confirmed); `NflogRecorder` records those. Under ``--audit`` it leaves 
 would-block rows to this recorder, which sees their bytes.
 
 Bounded: at most ``max_open`` open flows are followed at once; the kernel socket buffer is
-the queue. A
-flow that cannot be followed or a row that cannot be written is counted in ``dropped``;
-an event-buffer overrun (``ENOBUFS``) in ``overruns``, and answered with an immediate
-dump, which recovers every flow still in the table. Both are written to
+the queue. A flow that cannot be followed or a row that cannot be written is counted in
+``dropped``; an event-buffer overrun (``ENOBUFS``) in ``overruns``, and answered with an
+immediate dump, which recovers every flow still in the table. Both are written to
 ``connection_overflow`` for the report.
 """
 
@@ -78,7 +78,7 @@ _INSERT = ("INSERT INTO connections (ts, source, destination, protocol, port, ve
            "source_port, packets_out, bytes_out, packets_in, bytes_in, client, rule) "
            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
 _UPDATE = ("UPDATE connections SET end_ts = ?, packets_out = ?, bytes_out = ?, packets_in = ?, "
-           "bytes_in = ? WHERE rowid = ?")
+           "bytes_in = ?, name = ?, client = ?, rule = ? WHERE rowid = ?")
 
 
 @dataclass(slots=True)
@@ -160,8 +160,7 @@ class ConnRecorder:
         self.errors = 0  # other failed reads/requests, each answered with a resync
         self.last_error: str | None = None
         self._flows: dict[tuple, _Flow] = {}
-        # Flows counted as dropped, so a later event or dump does not count them again (nor
-        # record them half-way through): forgotten when their entry leaves the table.
+        # Flows counted as dropped (never counted again, nor half-recorded) until their entry goes.
         self._declined: dict[tuple, None] = {}
         # Flows whose row is complete: events queued before the done-mark reached the kernel
         # still carry the old mark, and must not start a second row. FIFO-bounded: the done
@@ -368,12 +367,7 @@ class ConnRecorder:
                 self._declined[e.key] = None
             return None
         name = lookup_name(self.name_of, e.dst)
-        client = rule = None
-        if self.describe is not None:
-            try:
-                client, rule = self.describe(e.src, e.dst, name, verdict == "allowed")
-            except Exception as exc:  # noqa: BLE001 - a policy problem must not lose the row
-                self.last_error = f"describe: {exc}"
+        client, rule = self._describe(e.src, e.dst, name, verdict == "allowed")
         ts = e.start_ns / 1e9 if e.start_ns else now
         flow = _Flow(e.key, None, ts, e.family, e.proto, e.src, e.dst, e.sport, e.dport, verdict, name,
                      client, rule, e.raw_orig)
@@ -382,6 +376,14 @@ class ConnRecorder:
         self._flows[e.key] = flow
         self._dirty[id(flow)] = flow
         return flow
+
+    def _describe(self, src: str, dst: str, name: str | None, allowed: bool) -> tuple:
+        if self.describe is not None:
+            try:
+                return self.describe(src, dst, name, allowed)
+            except Exception as exc:  # noqa: BLE001 - a policy problem must not lose the row
+                self.last_error = f"describe: {exc}"
+        return None, None
 
     def _finish_closing(self, now: float) -> None:
         """Complete the rows of closed TCP flows: read their counters, then mark them done so
@@ -456,6 +458,10 @@ class ConnRecorder:
     def _flush(self, db: sqlite3.Connection) -> None:
         flows = list(self._dirty.values())
         self._dirty.clear()
+        for f in flows:  # an unnamed flow looks again (see the module's docstring)
+            if f.name is None and (name := lookup_name(self.name_of, f.dst)) is not None:
+                f.name = name
+                f.client, f.rule = self._describe(f.src, f.dst, name, f.verdict == "allowed")
         overflow = (self.dropped, self.overruns)
         for attempt in range(3):
             new: list[tuple[_Flow, int]] = []
@@ -465,8 +471,8 @@ class ConnRecorder:
                     if f.rowid is None:
                         cur.execute(_INSERT, f.row())
                         new.append((f, cur.lastrowid))  # type: ignore[arg-type]
-                cur.executemany(_UPDATE, [(f.written_end, *f.counters, f.rowid) for f in flows
-                                          if f.rowid is not None])
+                cur.executemany(_UPDATE, [(f.written_end, *f.counters, f.name, f.client, f.rule, f.rowid)
+                                          for f in flows if f.rowid is not None])
                 if overflow != self._saved_overflow:
                     db.execute("INSERT INTO connection_overflow (ts, dropped, overruns) VALUES (?, ?, ?)",
                                (time.time(), overflow[0] - self._saved_overflow[0],
