@@ -5,6 +5,7 @@ Everything here talks to loopback only, and every wait has a deadline.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import struct
@@ -32,6 +33,19 @@ def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.0
         if time.monotonic() >= deadline:
             raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
         time.sleep(interval)
+
+
+async def async_wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.01,
+                           what: str = "condition") -> T:
+    """`wait_until` for a test running in the event loop: the loop keeps running meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
+        await asyncio.sleep(interval)
 
 
 # ------------------------------------------------------------------------ TOML

@@ -13,6 +13,7 @@ import dns.edns
 import dns.message
 import dns.rcode
 import pytest
+from helpers import async_wait_until
 
 from resolver.dns import outgoing, wire
 from resolver.dns.chain import Resolver
@@ -196,11 +197,7 @@ async def test_an_exchange_cut_off_still_reaches_dnstap_once(nameserver):
     up = Upstream((("127.0.0.1", silent.port),), 5.0, tap=taps.append)
     q = dns.message.make_query("cut.miss.test", "A").question[0].name.to_wire() + b"\x00\x01\x00\x01"
     task = asyncio.ensure_future(up.query(q, len(q) - 4, 0))
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5
-    while silent.udp_count == 0:
-        assert loop.time() < deadline, "the query never reached the nameserver"
-        await asyncio.sleep(0.01)
+    await async_wait_until(lambda: silent.udp_count, 5, what="the query to reach the nameserver")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, 5.0)

@@ -11,6 +11,7 @@ import dns.message
 import dns.name
 import dns.rrset
 import pytest
+from helpers import async_wait_until, frame, recv_frame
 from nameserver import POISON_ADDRESS, big_a_rrset_records
 
 from resolver.core.errors import UpstreamError
@@ -85,11 +86,8 @@ async def test_an_idle_tcp_connection_is_closed_and_the_next_retry_opens_another
     up.tcp[server].idle_s = 0.05
     try:
         assert len(addresses(await up.query(*question("big.up.test."), 0))) == 300
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5
-        while up.tcp[server].conn is not None:  # closed by us after idle_s with nothing waiting
-            assert loop.time() < deadline, "the idle connection was never closed"
-            await asyncio.sleep(0.01)
+        # Closed by us after idle_s with nothing waiting.
+        await async_wait_until(lambda: up.tcp[server].conn is None, 5, what="the idle connection to close")
         assert len(addresses(await up.query(*question("big.up.test."), 0))) == 300
         assert ns.tcp_connections == 2 and up.tcp[server].opened == 2
     finally:
@@ -122,32 +120,20 @@ class ClosingTcpServer:
                 served = 0
                 while True:
                     try:
-                        size = struct.unpack(">H", _recv_exact(conn, 2))[0]
-                        query = dns.message.from_wire(_recv_exact(conn, size))
-                    except (OSError, EOFError, struct.error):
+                        query = dns.message.from_wire(recv_frame(conn, 5.0))
+                    except (OSError, EOFError):  # TimeoutError is an OSError
                         break
                     if conn_no == 0 and served == self.answers:
                         break  # closes without answering
                     reply = dns.message.make_response(query)
                     name = query.question[0].name
                     reply.answer.append(dns.rrset.from_text(name, 60, "IN", "A", "192.0.2.77"))
-                    wire_reply = reply.to_wire()
-                    conn.sendall(struct.pack(">H", len(wire_reply)) + wire_reply)
+                    conn.sendall(frame(reply.to_wire()))
                     served += 1
 
     def close(self) -> None:
         self.sock.close()
         self.thread.join(5)
-
-
-def _recv_exact(conn: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = conn.recv(n - len(data))
-        if not chunk:
-            raise EOFError
-        data += chunk
-    return data
 
 
 @pytest.mark.parametrize("answers", [1, 0])
