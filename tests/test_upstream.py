@@ -212,3 +212,21 @@ def test_build_query_is_fresh_and_minimal():
     m = dns.message.from_wire(packet)
     assert m.id == 0xABCD and m.flags & dns.flags.RD and m.edns == 0 and m.ednsflags & dns.flags.DO
     assert m.payload == wire.EDNS_PAYLOAD and not m.options
+
+
+async def test_two_tc_retries_under_one_id_both_get_their_own_answer(nameserver):
+    # The reused connection matches answers by ID: a second query under an ID already waiting
+    # there goes on a connection of its own (tcpconn.one_shot) instead of colliding.
+    ns = nameserver("truncate", {**big_a_rrset_records("a.up.test.", 300),
+                                 **big_a_rrset_records("b.up.test.", 200)})
+    tcp = TcpUpstream(("127.0.0.1", ns.port), _matches)
+    try:
+        (qa, na), (qb, nb) = question("a.up.test."), question("b.up.test.")
+        same = b"\x12\x34"
+        replies = await asyncio.wait_for(asyncio.gather(
+            tcp.exchange(wire.build_query(same, qa, 0), qa, na),
+            tcp.exchange(wire.build_query(same, qb, 0), qb, nb)), 5)
+        assert [len(addresses(r)) for r in replies] == [300, 200]
+        assert ns.tcp_connections == 2 and tcp.opened == 1  # the one-off is not the kept one
+    finally:
+        tcp.close()
