@@ -317,7 +317,7 @@ class Resolver:
 
     def _answer(self, w: Pending, entry: Entry | None, exc: BaseException | None) -> None:
         """Answer a query whose miss is over: from ``entry``, or after ``exc``. Never raises."""
-        data, qend, udp_size, do, transport = w.data, w.qend, w.udp_size, w.do, w.transport
+        data, qend, udp_size, do, transport, d = w.data, w.qend, w.udp_size, w.do, w.transport, w.d
         note = None
         try:
             if entry is not None:
@@ -327,9 +327,9 @@ class Resolver:
                 resp = entry.response(data, qend, udp_size, do, now)
                 rcode, answers, note = entry.rcode, entry.answers_json, entry.note
             elif isinstance(exc, UpstreamError):
-                if w.d.allowed and self.cache.stale_max:
+                if d.allowed and self.cache.stale_max:
                     stale = self._stale(data, w.ip, transport, w.t0, w.name_end, qend, w.qtype, udp_size, do,
-                                        w.key, w.qname, w.view, w.d, False)
+                                        w.key, w.qname, w.view, d, False)
                     if stale is not None:
                         self._settle(w, stale)
                         return
@@ -337,20 +337,16 @@ class Resolver:
                 rcode, answers = wire.SERVFAIL, None
                 resp = wire.local_answer(data, qend, wire.SERVFAIL, udp_size, do,
                                          _UPSTREAM_FAILED[exc.unparseable, do] if udp_size else None)
-            elif isinstance(exc, asyncio.CancelledError):
-                # Shutdown cut this query off: it still gets its row.
-                self._log(w.t0, w.ip, transport, w.qname, w.qtype, w.d.verdict, w.view.mode, w.d.rule, None,
-                          None, False, "cancelled at shutdown")
-                self._settle(w, None)
-                return
+            elif isinstance(exc, asyncio.CancelledError):  # shutdown cut it off: no answer, still its row
+                resp, rcode, answers, note = None, None, None, "cancelled at shutdown"
             else:
                 traceback.print_exception(exc, file=sys.stderr)
                 note = "internal error"
                 rcode, answers = wire.SERVFAIL, None
                 resp = wire.local_answer(data, qend, wire.SERVFAIL, udp_size, do)
-            if transport == "udp" and len(resp) > (min(udp_size, wire.EDNS_PAYLOAD) if udp_size else 512):
+            if (resp is not None and transport == "udp"
+                    and len(resp) > (min(udp_size, wire.EDNS_PAYLOAD) if udp_size else 512)):
                 resp = wire.truncated(resp, qend, udp_size, do)
-            d = w.d
             self._log(w.t0, w.ip, transport, w.qname, w.qtype, d.verdict, w.view.mode, d.rule, rcode, answers,
                       False, note)
         except Exception:  # a bug must cost one answer, never the others waiting on this key
@@ -384,12 +380,6 @@ class Resolver:
         if self._stale_until:
             self._stale_until.pop(key, None)
         return entry
-
-    @staticmethod
-    def _unanswered(exc: BaseException) -> None:
-        """A background refresh failed: still down is expected, a bug must not die unseen."""
-        if not isinstance(exc, UpstreamError | asyncio.CancelledError):
-            traceback.print_exception(exc, file=sys.stderr)
 
     async def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for every query waiting on upstream to be answered."""

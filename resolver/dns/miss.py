@@ -14,8 +14,12 @@ docs/performance.md, "Issue #15").
 from __future__ import annotations
 
 import asyncio
+import sys
+import traceback
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
+
+from resolver.core.errors import UpstreamError
 
 if TYPE_CHECKING:
     from resolver.core.model import Decision
@@ -146,8 +150,9 @@ class Fetch:
             except Exception as bug:
                 exc = bug
         if not self.waiters:  # a background refresh (serve-stale): nobody to answer
-            if exc is not None:
-                r._unanswered(exc)
+            # Still down is expected; a bug must not die unseen.
+            if exc is not None and not isinstance(exc, UpstreamError | asyncio.CancelledError):
+                traceback.print_exception(exc, file=sys.stderr)
             return
         waiters, self.waiters = self.waiters, []
         for w in waiters:
