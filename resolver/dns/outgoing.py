@@ -141,8 +141,8 @@ class _Port:
                 pending.clear()
                 if exc.errno not in _SOFT_ERRORS:
                     pool.drop(self)
-                elif self.retired:
-                    self.close()
+                else:
+                    self.release()
                 for waiter, _q, _n, _t in waiting:
                     _call(waiter.fail, OSError(exc.errno, exc.strerror))
                 if self.fd < 0:
@@ -159,8 +159,7 @@ class _Port:
             if not match(reply, reply[:2], question, name_len):
                 continue
             del pending[qid]
-            if self.retired and not pending:
-                self.close()
+            self.release()
             _call(waiter.reply, reply)
             if self.fd < 0:  # closed: retired above, or by what the waiter did
                 return
@@ -171,9 +170,13 @@ class _Port:
         if waiting is None or waiting[0] is not waiter:
             return False
         del self.pending[qid]
+        self.release()
+        return True
+
+    def release(self) -> None:
+        """A retired socket closes once no query waits on it."""
         if self.retired and not self.pending:
             self.close()
-        return True
 
     def close(self) -> None:
         # The reader goes before the descriptor: a closed fd number is reused by the next
@@ -221,7 +224,7 @@ class PortPool:
              loop: asyncio.AbstractEventLoop) -> _Port:
         """Send ``packet`` (its first two bytes are the ID); ``waiter`` hears of the matching
         reply, or fails at ``deadline`` (loop time). Raises OSError when it cannot be sent
-        (nothing is registered then). Returns the socket it waits on (for ``forget``)."""
+        (nothing is registered then). Returns the socket it waits on (``settle`` there forgets it)."""
         if self.closed:
             raise OSError(errno.EBADF, "upstream socket pool is closed")
         if loop is not self.loop:
@@ -232,8 +235,7 @@ class PortPool:
         try:
             port.sock.send(packet)
         except OSError:
-            if port.retired and not port.pending:
-                port.close()
+            port.release()
             raise
         tick = int(deadline / SWEEP_S) + 1
         port.pending[qid] = (waiter, question, name_len, tick)
@@ -331,8 +333,7 @@ class PortPool:
 
     def _retire(self, port: _Port) -> None:
         port.retired = True
-        if not port.pending:
-            port.close()
+        port.release()
 
     def drop(self, port: _Port) -> None:
         for i, p in enumerate(self.ports):
