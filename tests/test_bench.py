@@ -1,0 +1,32 @@
+"""`scripts/bench` scenario d, quick, against its references: the C forwarders (#15) run
+beside dnsguard on the same upstream, answer every unique name by forwarding it, and get
+their ratio row. Figures are not asserted (speed is measured, not tested); that the run
+compares like with like is."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_scenario_d_compares_dnsguard_with_forwarders_on_the_same_upstream(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench"), "--quick", "--scenarios", "d",
+         "--reference", "both", "--loads", "1000", "--load-duration", "1", "--no-pin", "--out", str(out)],
+        capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    (result_file,) = out.glob("*.json")
+    data = json.loads(result_file.read_text())
+    by_server = {r["server"]: r for r in data["results"] if r["scenario"] == "d"}
+    assert set(by_server) == {"dnsguard", "dnsmasq", "unbound", "dnsmasq-fwd", "unbound-fwd"}
+    for name in ("dnsguard", "dnsmasq-fwd", "unbound-fwd"):
+        sat = by_server[name]["saturation"]
+        # Every query a unique *.miss.test name only the upstream knows: NOERROR means forwarded.
+        assert sat["ok"] and sat["completed"] > 0 and set(sat["rcodes"]) == {"NOERROR"}, (name, sat)
+    refs = {r["reference"] for r in data["ratios"] if r["scenario"] == "d"}
+    assert {"dnsmasq-fwd", "unbound-fwd", "dnsmasq", "unbound"} <= refs
