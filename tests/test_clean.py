@@ -93,6 +93,33 @@ def test_fast_and_full_cleaning_agree(plan):
     assert sorted(fast.ttls) == sorted(full.ttls)
 
 
+def test_owner_pointing_at_the_question_is_ours_only_if_that_question_is():
+    # The bytes path reads an owner that is a pointer to offset 12 without walking it -- which
+    # is only right when the name at offset 12 is ours (case aside, RFC 4343 / 0x20).
+    q = dns.message.make_query("WwW.Allowed.TEST.", "A")
+    r = dns.message.make_response(q)
+    r.answer.append(dns.rrset.from_text("WwW.Allowed.TEST.", 60, "IN", "A", "192.0.2.1"))
+    raw = r.to_wire()
+    assert raw[12 + len(QUESTION_A):][:2] == b"\xc0\x0c"  # the owner is that pointer
+    kept = Cleaner().clean(raw, QUESTION_A, len(QUESTION_A) - 4)
+    assert kept.an == 1 and kept.addrs == (("192.0.2.1", 60),) and kept.answers_json == '["192.0.2.1"]'
+    # Same length, another name at offset 12 (the pool never hands such a reply over; the
+    # bytes path must still not take its records as ours): not kept verbatim.
+    other = dns.name.from_text("www.allowed.tesx.").to_wire() + QUESTION_A[-4:]
+    assert Cleaner()._fast(raw, other, len(other) - 4) is None
+
+
+def test_answer_json_escapes_cname_targets_and_not_addresses():
+    q = dns.message.make_query(QNAME, "A")
+    r = dns.message.make_response(q)
+    r.answer.append(dns.rrset.from_text(QNAME, 60, "IN", "CNAME", 'we\\"ird.cdn.example.'))
+    r.answer.append(dns.rrset.from_text('we\\"ird.cdn.example.', 60, "IN", "A", "192.0.2.1"))
+    c = Cleaner()._fast(r.to_wire(), QUESTION_A, len(QUESTION_A) - 4)
+    assert c is not None
+    import json
+    assert json.loads(c.answers_json) == ['we\\"ird.cdn.example', "192.0.2.1"]
+
+
 def test_poison_and_rebinding_are_removed():
     q = dns.message.make_query(QNAME, "A")
     r = dns.message.make_response(q)

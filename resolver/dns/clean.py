@@ -109,15 +109,23 @@ class Cleaner:
         an = (reply[6] << 8) | reply[7]
         ns = (reply[8] << 8) | reply[9]
         qend = 12 + len(question)
-        owners = {question[:name_len]}
+        qname = question[:name_len]
+        owners = {qname}
+        # A pointer to offset 12 is the question's name, which (case aside) must be ours: then
+        # the owner of a record -- almost always such a pointer -- is read without a walk.
+        at_12 = qname if reply[12:12 + name_len].lower() == qname else None
         offsets: list[int] = []
         ttls: list[int] = []
         chain: list[str] = []
         addrs: list[tuple[str, int]] = []
+        cnames = False  # the chain holds only address text otherwise: no JSON escaping needed
         public = self.public
         i = qend
         for _ in range(an):
-            owner, i = read_name(reply, i)
+            if reply[i] == 0xC0 and reply[i + 1] == 12 and at_12 is not None:
+                owner, i = at_12, i + 2
+            else:
+                owner, i = read_name(reply, i)
             rtype, rclass, ttl, rdlen = _RR.unpack_from(reply, i)
             start, end = i + 10, i + 10 + rdlen
             if end > len(reply) or owner not in owners or rclass != 1:
@@ -131,6 +139,7 @@ class Cleaner:
                     return None
                 owners.add(target)
                 chain.append(wire_to_text(target))
+                cnames = True
             elif rtype == wire.TYPE_A or rtype == wire.TYPE_AAAA:
                 if rdlen != (4 if rtype == wire.TYPE_A else 16):
                     return None
@@ -190,8 +199,10 @@ class Cleaner:
         rcode = reply[3] & 0x0F
         dropped = drop + _count_additional(reply)
         return Cleaned(rcode, an, ns, 0, body, offsets, ttls,
+                       min(ttls) if rcode == wire.NOERROR and an else  # _cache_ttl's first case
                        self._cache_ttl(rcode, an, ttls, soa_ttl if keep else -1),
-                       _json(chain) if chain else None, tuple(addrs), dropped)
+                       (_json(chain) if cnames else '["' + '","'.join(chain) + '"]') if chain else None,
+                       tuple(addrs), dropped)
 
     def _cache_ttl(self, rcode: int, an: int, ttls: list[int], soa_ttl: int) -> int:
         if rcode == wire.NOERROR and an:
