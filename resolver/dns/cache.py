@@ -24,6 +24,17 @@ from collections.abc import Callable, Sequence
 
 from resolver.dns import wire
 
+_HEADS: dict[tuple[int, int, int], tuple[bytes, bytes]] = {}
+_MAX_HEADS = 4096
+
+
+def _heads(an: int, ns: int, ar: int) -> tuple[bytes, bytes]:
+    counts = b"\x00\x01" + bytes((an >> 8, an & 0xFF, ns >> 8, ns & 0xFF))
+    heads = (counts + bytes((ar >> 8, ar & 0xFF)), counts + bytes(((ar + 1) >> 8, (ar + 1) & 0xFF)))
+    if len(_HEADS) < _MAX_HEADS:  # bounded: odd counts from a hostile upstream are just built
+        _HEADS[(an, ns, ar)] = heads
+    return heads
+
 
 class Entry:
     """One cached answer. Immutable after construction except the aged-body memo."""
@@ -35,9 +46,12 @@ class Entry:
                  ttls: Sequence[int], ttl: int, now: float, answers_json: str | None,
                  addrs: tuple[tuple[str, int], ...] = (), note: str | None = None) -> None:
         self.rcode = rcode
-        counts = b"\x00\x01" + bytes((an >> 8, an & 0xFF, ns >> 8, ns & 0xFF))
-        # QDCOUNT..ARCOUNT without and with the client's OPT record, ready to concatenate.
-        self._heads = (counts + bytes((ar >> 8, ar & 0xFF)), counts + bytes(((ar + 1) >> 8, (ar + 1) & 0xFF)))
+        # QDCOUNT..ARCOUNT without and with the client's OPT record, ready to concatenate;
+        # shared by every entry with the same counts (a handful of combinations in practice).
+        heads = _HEADS.get((an, ns, ar))
+        if heads is None:
+            heads = _heads(an, ns, ar)
+        self._heads = heads
         self.body = body
         # Tuples of ints, not lists: the collector stops tracking them, so a full cache costs a
         # full (generation-2) collection one object per entry instead of three -- at 100,000
