@@ -1,7 +1,7 @@
-"""`scripts/bench` scenario d, quick, against its references: the C forwarders (#15) run
-beside dnsguard on the same upstream, answer every unique name by forwarding it, and get
-their ratio row. Figures are not asserted (speed is measured, not tested); that the run
-compares like with like is."""
+"""`scripts/bench` scenario d, quick, against its references: the C forwarders (#15) and the
+do-nothing Python forwarder (`--floor`) run beside dnsguard on the same upstream, answer every
+unique name by forwarding it, and get their ratio row. Figures are not asserted (speed is
+measured, not tested); that the run compares like with like is."""
 
 from __future__ import annotations
 
@@ -17,16 +17,25 @@ def test_scenario_d_compares_dnsguard_with_forwarders_on_the_same_upstream(tmp_p
     out = tmp_path / "results"
     run = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench"), "--quick", "--scenarios", "d",
-         "--reference", "both", "--loads", "1000", "--load-duration", "1", "--no-pin", "--out", str(out)],
+         "--reference", "both", "--floor", "--loads", "1000", "--load-duration", "1", "--no-pin",
+         "--out", str(out)],
         capture_output=True, text=True, timeout=240, cwd=REPO)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     (result_file,) = out.glob("*.json")
     data = json.loads(result_file.read_text())
     by_server = {r["server"]: r for r in data["results"] if r["scenario"] == "d"}
-    assert set(by_server) == {"dnsguard", "dnsmasq", "unbound", "dnsmasq-fwd", "unbound-fwd"}
-    for name in ("dnsguard", "dnsmasq-fwd", "unbound-fwd"):
+    assert set(by_server) == {"dnsguard", "dnsmasq", "unbound", "dnsmasq-fwd", "unbound-fwd", "python-floor"}
+    for name in ("dnsguard", "dnsmasq-fwd", "unbound-fwd", "python-floor"):
         sat = by_server[name]["saturation"]
         # Every query a unique *.miss.test name only the upstream knows: NOERROR means forwarded.
         assert sat["ok"] and sat["completed"] > 0 and set(sat["rcodes"]) == {"NOERROR"}, (name, sat)
     refs = {r["reference"] for r in data["ratios"] if r["scenario"] == "d"}
-    assert {"dnsmasq-fwd", "unbound-fwd", "dnsmasq", "unbound"} <= refs
+    assert {"dnsmasq-fwd", "unbound-fwd", "dnsmasq", "unbound", "python-floor"} <= refs
+
+
+def test_floor_forwarder_refuses_addresses_off_loopback() -> None:
+    for listen, upstream in (("192.0.2.1:5300", "127.0.0.1:5301"), ("127.0.0.1:5300", "198.51.100.1:53")):
+        run = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "floor_forwarder.py"), "--listen", listen,
+             "--upstream", upstream], capture_output=True, text=True, timeout=30)
+        assert run.returncode == 2 and "loopback addresses only" in run.stderr, run.stderr
