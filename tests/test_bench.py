@@ -39,3 +39,13 @@ def test_floor_forwarder_refuses_addresses_off_loopback() -> None:
             [sys.executable, str(REPO / "scripts" / "floor_forwarder.py"), "--listen", listen,
              "--upstream", upstream], capture_output=True, text=True, timeout=30)
         assert run.returncode == 2 and "loopback addresses only" in run.stderr, run.stderr
+
+
+def test_python_only_miss_bench_answers_every_miss_through_the_shipped_path() -> None:
+    # The script asserts every miss was answered NOERROR through Pending.then; a broken path
+    # (no waiter registered, no answer) fails it.
+    run = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_miss_python.py"), "--misses", "300", "--rounds", "1"],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "thread CPU per miss median" in run.stdout and "query side" in run.stdout, run.stdout
