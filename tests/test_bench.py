@@ -6,6 +6,7 @@ measured, not tested); that the run compares like with like is."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,10 +43,11 @@ def test_floor_forwarder_refuses_addresses_off_loopback() -> None:
 
 
 def test_python_only_miss_bench_answers_every_miss_through_the_shipped_path() -> None:
-    # The script asserts every miss was answered NOERROR through Pending.then; a broken path
-    # (no waiter registered, no answer) fails it.
+    # The script asserts every miss was answered NOERROR through Pending.then, and logged; a
+    # broken path (nothing sent, no waiter registered, the reply not matched, no answer) fails it.
     run = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench_miss_python.py"), "--misses", "300", "--rounds", "1"],
-        capture_output=True, text=True, timeout=120, cwd=REPO)
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)))  # this checkout's resolver, not an installed one
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "thread CPU per miss median" in run.stdout and "query side" in run.stdout, run.stdout
