@@ -111,9 +111,9 @@ def answer_of(reply: bytes) -> str:
     return dns.message.from_wire(reply).answer[0][0].address
 
 
-async def ask(pool: PortPool, i: int) -> bytes:
+async def ask(pool: PortPool, i: int, qid: bytes | None = None) -> bytes:
     q, n = question(i)
-    packet = wire.build_query(os.urandom(2), q, 0)
+    packet = wire.build_query(qid or os.urandom(2), q, 0)
     return await pool.exchange(packet, q, n, asyncio.get_running_loop().time() + 3)
 
 
@@ -137,8 +137,12 @@ async def test_queries_go_out_on_many_ports_that_keep_changing(responder):
 
 async def test_concurrent_queries_on_shared_sockets_each_get_their_own_answer(responder):
     pool = PortPool(("127.0.0.1", responder.port), _matches, size=4, uses=1000)
+    # 300 distinct IDs: with random ones, two alike (likely among 300) whose second draws the
+    # first one's socket at all four picks (1 in 256) rightly gets a one-off fifth socket.
+    base = int.from_bytes(os.urandom(2), "big")
     try:
-        replies = await asyncio.gather(*(ask(pool, i) for i in range(300)))
+        replies = await asyncio.gather(*(ask(pool, i, ((base + i) & 0xFFFF).to_bytes(2, "big"))
+                                         for i in range(300)))
         assert [answer_of(r) for r in replies] == [f"192.0.2.{i % 250 + 1}" for i in range(300)]
         assert pool.opened == 4
     finally:
