@@ -113,6 +113,29 @@ def proc_cpu_seconds(pid: int, descendants: bool = False) -> float:
     return total
 
 
+def own_cpu_seconds(pid: int) -> float:
+    """A process's own CPU seconds (``proc_cpu_seconds``), 0.0 once it is gone."""
+    try:
+        return proc_cpu_seconds(pid)
+    except OSError:
+        return 0.0
+
+
+def writer_pid(server_pid: int, deadline_s: float = 5.0) -> int | None:
+    """The lookup log's writer process of a `dnsguard serve` (its child running
+    resolver.log.logproc), waited for up to ``deadline_s``."""
+    end = time.monotonic() + deadline_s
+    while True:
+        for child in child_pids(server_pid):
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{child}/cmdline", "rb") as fh:
+                    if b"resolver.log.logproc" in fh.read():
+                        return child
+        if time.monotonic() >= end:
+            return None
+        time.sleep(0.05)
+
+
 def child_pids(pid: int) -> list[int]:
     out: list[int] = []
     with contextlib.suppress(OSError):

@@ -51,3 +51,21 @@ def test_python_only_miss_bench_answers_every_miss_through_the_shipped_path() ->
         env=dict(os.environ, PYTHONPATH=str(REPO)))  # this checkout's resolver, not an installed one
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "thread CPU per miss median" in run.stdout and "query side" in run.stdout, run.stdout
+
+
+def test_log_on_rows_report_the_writer_process_own_cpu(tmp_path: Path) -> None:
+    # The log-on saturation figure hinges on where the writer's CPU goes (docs/performance.md,
+    # "The log at saturation"): the bench reports it beside the server's total, per round.
+    out = tmp_path / "results"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench"), "--quick", "--scenarios", "a+log", "--reference",
+         "none", "--loads", "1000", "--load-duration", "1", "--no-pin", "--out", str(out)],
+        capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    (result_file,) = out.glob("*.json")
+    (row,) = [r for r in json.loads(result_file.read_text())["results"] if r["scenario"] == "a+log"]
+    sat = row["saturation"]
+    assert sat["completed"] > 0 and row["log_check"]["verdict"] == "rows == answered", row["log_check"]
+    # The writer wrote those rows, so it used CPU; it is part of (never more than) the tree's.
+    assert 0 < sat["writer_cpu_us_per_q"] <= sat["cpu_us_per_q"], sat
+    assert "log writer" in run.stdout
