@@ -22,30 +22,32 @@ LOOPBACK_CLIENTS = ["127.0.0.0/8", "::1/128"]
 
 
 # --------------------------------------------------------------------- waiting
+def _poll(predicate: Callable[[], T], deadline: float, timeout: float, what: str) -> T | None:
+    """One look: the truthy value, None to look again, TimeoutError once past ``deadline``."""
+    value = predicate()
+    if value:
+        return value
+    if time.monotonic() >= deadline:
+        raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
+    return None
+
+
 def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.02,
                what: str = "condition") -> T:
     """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
+    while (value := _poll(predicate, deadline, timeout, what)) is None:
         time.sleep(interval)
+    return value
 
 
 async def async_wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.01,
                            what: str = "condition") -> T:
     """`wait_until` for a test running in the event loop: the loop keeps running meanwhile."""
     deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
+    while (value := _poll(predicate, deadline, timeout, what)) is None:
         await asyncio.sleep(interval)
+    return value
 
 
 # ------------------------------------------------------------------------ TOML
