@@ -216,7 +216,7 @@ def test_build_query_is_fresh_and_minimal():
 
 async def test_two_tc_retries_under_one_id_both_get_their_own_answer(nameserver):
     # The reused connection matches answers by ID: a second query under an ID already waiting
-    # there goes on a connection of its own (tcpconn.one_shot) instead of colliding.
+    # there goes on a connection of its own (TcpUpstream._one_shot) instead of colliding.
     ns = nameserver("truncate", {**big_a_rrset_records("a.up.test.", 300),
                                  **big_a_rrset_records("b.up.test.", 200)})
     tcp = TcpUpstream(("127.0.0.1", ns.port), _matches)

@@ -119,7 +119,7 @@ class TcpUpstream:
             try:
                 return await conn.ask(packet, question, name_len)
             except _IdInUse:
-                return await one_shot(self.server, packet, question, name_len, self.match)
+                return await self._one_shot(packet, question, name_len)
             except Closed:
                 # Asked again only on a fresh connection, and only if the failed one had
                 # served before: a server timing out an idle connection, not a broken one.
@@ -152,6 +152,16 @@ class TcpUpstream:
         self.conn = conn
         return conn
 
+    async def _one_shot(self, packet: bytes, question: bytes, name_len: int) -> bytes:
+        """``packet`` on a connection of its own (not the kept one), closed after the answer."""
+        loop = asyncio.get_running_loop()
+        _transport, conn = await loop.create_connection(lambda: _Conn(self, loop), self.server[0],
+                                                        self.server[1])
+        try:
+            return await conn.ask(packet, question, name_len)
+        finally:
+            conn.close()
+
     def forget(self, conn: _Conn) -> None:
         if self.conn is conn:
             self.conn = None
@@ -161,19 +171,3 @@ class TcpUpstream:
             self.conn.close()
             self.conn = None
 
-
-async def one_shot(server: HostPort, packet: bytes, question: bytes, name_len: int, match: Match) -> bytes:
-    """``packet`` on a connection of its own, closed after the answer."""
-    reader, writer = await asyncio.open_connection(server[0], server[1])
-    try:
-        writer.write(struct.pack(">H", len(packet)) + packet)
-        await writer.drain()
-        while True:  # bounded by the caller's deadline
-            size = struct.unpack(">H", await reader.readexactly(2))[0]
-            reply = await reader.readexactly(size)
-            if match(reply, packet[:2], question, name_len):
-                return reply
-    except asyncio.IncompleteReadError:
-        raise Closed("upstream closed the TCP connection early") from None
-    finally:
-        writer.close()
