@@ -126,10 +126,7 @@ class Upstream:
             # Once per loop: asyncio.get_running_loop() costs a getpid(2) on Python 3.11.
             loop = self._loop = asyncio.get_running_loop()
         ask = _Ask(self, loop, question, name_len, do, use, done)
-        try:  # ``guarded(ask.next)``, written out: once per miss
-            ask.next()
-        except Exception as exc:
-            ask._bug(exc)
+        ask.guarded(ask.next)
         return ask
 
     def _episode(self, server: HostPort, bad: bool) -> None:
@@ -203,7 +200,7 @@ class _Ask(Generic[T]):
                 self.port = up.pools[server].send(packet, self.question, self.name_len, until, self, loop)
                 return
             except OSError as exc:
-                self._failed(None, "network", f"{exc.__class__.__name__}: {exc}")
+                self._failed("network", f"{exc.__class__.__name__}: {exc}")
         self._finish(None, UpstreamError("; ".join(self.reasons) or "no upstream answered",
                                          unparseable=self.unparseable))
 
@@ -213,20 +210,13 @@ class _Ask(Generic[T]):
         try:
             step(*args)
         except Exception as exc:
-            self._bug(exc)
-
-    def _bug(self, exc: Exception) -> None:
-        done = self.done
-        self.cancel()  # forget whatever exchange the step may have left registered
-        self.done = done
-        self._finish(None, exc, force=True)
+            done = self.done
+            self.cancel()  # forget whatever exchange the step may have left registered
+            self.done = done
+            self._finish(None, exc, force=True)
 
     def reply(self, reply: bytes) -> None:
-        # ``guarded(self._reply, reply)``, written out: every answered miss comes this way.
-        try:
-            self._reply(reply)
-        except Exception as exc:
-            self._bug(exc)
+        self.guarded(self._reply, reply)
 
     def fail(self, exc: BaseException) -> None:
         self.guarded(self._fail, exc)
@@ -248,10 +238,10 @@ class _Ask(Generic[T]):
             self._tap(None)
             self._finish(None, exc)
         elif isinstance(exc, TimeoutError):
-            self._failed(None, "timeout", "timeout")
+            self._failed("timeout", "timeout")
             self.next()
         else:
-            self._failed(None, "network" if isinstance(exc, OSError) else "malformed",
+            self._failed("network" if isinstance(exc, OSError) else "malformed",
                          f"{exc.__class__.__name__}: {exc}")
             self.next()
 
@@ -288,8 +278,7 @@ class _Ask(Generic[T]):
 
     def _answered(self, reply: bytes) -> None:
         up, name = self.up, self.name
-        if up.tap is not None:
-            self._tap(reply)
+        self._tap(reply)
         up.stats.observe(name, time.monotonic() - self.sent)
         rcode = reply[3] & 0x0F
         if rcode in _RETRY_RCODES:
@@ -313,8 +302,9 @@ class _Ask(Generic[T]):
             up._episode(self.server, False)
         self._finish(result, None)
 
-    def _failed(self, reply: bytes | None, kind: str, why: str) -> None:
-        self._tap(reply)
+    def _failed(self, kind: str, why: str) -> None:
+        """This server failed without a reply: recorded, and the exchange tapped as unanswered."""
+        self._tap(None)
         self.up.stats.error(self.name, kind)
         self.reasons.append(f"{self.name}: {why}")
 
