@@ -199,7 +199,6 @@ class Cleaner:
         rcode = reply[3] & 0x0F
         dropped = drop + _count_additional(reply)
         return Cleaned(rcode, an, ns, 0, body, offsets, ttls,
-                       min(ttls) if rcode == wire.NOERROR and an else  # _cache_ttl's first case
                        self._cache_ttl(rcode, an, ttls, soa_ttl if keep else -1),
                        (_json(chain) if cnames else '["' + '","'.join(chain) + '"]') if chain else None,
                        tuple(addrs), dropped)
