@@ -29,10 +29,14 @@ _MAX_HEADS = 4096
 
 
 def _heads(an: int, ns: int, ar: int) -> tuple[bytes, bytes]:
-    counts = b"\x00\x01" + bytes((an >> 8, an & 0xFF, ns >> 8, ns & 0xFF))
-    heads = (counts + bytes((ar >> 8, ar & 0xFF)), counts + bytes(((ar + 1) >> 8, (ar + 1) & 0xFF)))
-    if len(_HEADS) < _MAX_HEADS:  # bounded: odd counts from a hostile upstream are just built
-        _HEADS[(an, ns, ar)] = heads
+    """QDCOUNT..ARCOUNT without and with the client's OPT record, ready to concatenate;
+    one shared pair per combination of counts (a handful in practice)."""
+    heads = _HEADS.get((an, ns, ar))
+    if heads is None:
+        counts = b"\x00\x01" + bytes((an >> 8, an & 0xFF, ns >> 8, ns & 0xFF))
+        heads = (counts + bytes((ar >> 8, ar & 0xFF)), counts + bytes(((ar + 1) >> 8, (ar + 1) & 0xFF)))
+        if len(_HEADS) < _MAX_HEADS:  # bounded: odd counts from a hostile upstream are just built
+            _HEADS[(an, ns, ar)] = heads
     return heads
 
 
@@ -46,12 +50,7 @@ class Entry:
                  ttls: Sequence[int], ttl: int, now: float, answers_json: str | None,
                  addrs: tuple[tuple[str, int], ...] = (), note: str | None = None) -> None:
         self.rcode = rcode
-        # QDCOUNT..ARCOUNT without and with the client's OPT record, ready to concatenate;
-        # shared by every entry with the same counts (a handful of combinations in practice).
-        heads = _HEADS.get((an, ns, ar))
-        if heads is None:
-            heads = _heads(an, ns, ar)
-        self._heads = heads
+        self._heads = _heads(an, ns, ar)
         self.body = body
         # Tuples of ints, not lists: the collector stops tracking them, so a full cache costs a
         # full (generation-2) collection one object per entry instead of three -- at 100,000
