@@ -310,10 +310,15 @@ class Resolver:
             busy = UpstreamError(f"overloaded: {self.max_inflight} upstream queries already in flight")
             self._answer(w, None, busy)
             return w.resp
-        fetch = self._inflight[key] = Fetch(self, key, qname + data[name_end:qend], len(qname), do)
-        fetch.waiters.append(w)
-        fetch.start()
+        self._fetch(key, qname + data[name_end:qend], len(qname), do, w)
         return w.resp if w.settled else w  # every upstream failed at once: answered already
+
+    def _fetch(self, key: bytes, question: bytes, name_len: int, do: int, waiter: Pending | None) -> None:
+        """Start the one upstream resolution for ``key``; ``waiter`` (if any) is answered by it."""
+        fetch = self._inflight[key] = Fetch(self, key, question, name_len, do)
+        if waiter is not None:
+            fetch.waiters.append(waiter)
+        fetch.start()
 
     def _answer(self, w: Pending, entry: Entry | None, exc: BaseException | None) -> None:
         """Answer a query whose miss is over: from ``entry``, or after ``exc``. Never raises."""
@@ -410,8 +415,7 @@ class Resolver:
         if refresh:
             # One refresh at a time per key, nobody waiting on it (a Fetch with no waiters).
             if key not in self._inflight and len(self._inflight) < self.max_inflight:
-                fetch = self._inflight[key] = Fetch(self, key, qname + data[name_end:qend], len(qname), do)
-                fetch.start()
+                self._fetch(key, qname + data[name_end:qend], len(qname), do, None)
         else:  # every upstream just failed: answer stale at once for a while
             if len(self._stale_until) >= _MAX_STALE_KEYS:
                 self._stale_until.clear()
